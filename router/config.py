@@ -1,0 +1,554 @@
+"""TOML configuration -> typed, validated ``Config``, with every error located by file:line.
+
+Owns: the config schema (msgspec Structs), units and secret resolution (``env:NAME``,
+``file:/path``), cross-references (routes name real sources and destinations), and
+``KeyLocator``, a line scanner that maps key paths such as ``routes[1].to`` back to lines
+(tomllib gives no positions). Must not: open sockets or databases, import trio, or judge
+destination *types* and their options (the destination registry does, via ``config_error``).
+Reading the config file, secret files and the environment is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from router.errors import ConfigError
+from router.retry import RetryPolicy
+from router.units import parse_duration, parse_size
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or tracebacks; ``reveal()`` to use it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def reveal(value: str | Secret) -> str:
+    """The plain text of an option that may or may not have been a secret reference."""
+    return value.reveal() if isinstance(value, Secret) else value
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path = Path("router-data")
+    http: str = "127.0.0.1:8088"
+    socket: str = "router.sock"
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o7777)] = 0o660
+    shutdown_grace: float = 10.0
+    plugin_dirs: tuple[Path, ...] = ()
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self.data_dir / self.socket if self.socket else None
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return parse_address(self.http) if self.http else None
+
+
+class QueueConfig(msgspec.Struct, frozen=True, kw_only=True):
+    synchronous: Literal["full", "normal"] = "full"
+    retention: float = 7 * 86400.0
+    max_bytes: int = 10 * 1024**3
+    dedupe_window: float = 24 * 3600.0
+
+
+class SourceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    write_key: Secret | None = None
+    socket: bool = False
+    raw: bool = False  # accept plain JSON objects that are not Segment calls
+
+
+class DestinationConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    type: str
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    batch_wait: float = 0.2
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    timeout: float = 10.0
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    options: dict[str, Any] = {}  # every other key, for the destination plugin to judge
+    line: int = 0
+
+
+class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
+    sources: tuple[str, ...] | None = msgspec.field(default=None, name="from")
+    when: str | None = None
+    to: tuple[str, ...]
+    line: int = 0
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    file: str
+    server: ServerConfig
+    queue: QueueConfig
+    sources: dict[str, SourceConfig]
+    destinations: dict[str, DestinationConfig]
+    routes: tuple[RouteConfig, ...]
+    locator: KeyLocator
+
+    @property
+    def socket_source(self) -> str | None:
+        return next((s.name for s in self.sources.values() if s.socket), None)
+
+
+# Keys whose destination option values are resolved as secrets: always for these ...
+_SECRET_KEYS = frozenset({"secret", "password", "token"})
+# ... and only when written as ``env:``/``file:`` references for these (and headers' values).
+_REFERENCE_KEYS = frozenset({"url", "dsn"})
+
+
+def _parse_mode(text: str) -> int:
+    if not re.fullmatch(r"0?o?[0-7]{1,4}", text):
+        raise ValueError(f"invalid mode {text!r}: expected an octal mode like '0660'")
+    return int(text.replace("o", ""), 8)
+
+
+_Unit = tuple[Callable[[str], float], str]
+_DURATION: _Unit = (parse_duration, "a duration like '10s'")
+_UNITS: dict[str, dict[str, _Unit]] = {  # TOML writes these as strings; the Structs hold numbers
+    "server": {"shutdown_grace": _DURATION, "socket_mode": (_parse_mode, "a mode like '0660'")},
+    "queue": {
+        "retention": _DURATION,
+        "dedupe_window": _DURATION,
+        "max_bytes": (parse_size, "a size like '10GiB'"),
+    },
+    "destination": {"batch_wait": _DURATION, "timeout": _DURATION},
+    "retry": dict.fromkeys(("max_age", "initial", "max_backoff", "max_retry_after"), _DURATION),
+}
+_SECTIONS = ("server", "queue", "sources", "destinations", "routes")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse the config file at ``path``; relative paths in it are relative to it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason}", file=str(path)) from exc
+    return parse_config(text, file=str(path), base_dir=path.absolute().parent)
+
+
+def default_config() -> Config:
+    """The embedded default (HTTP, the socket, everything to stdout), relative to the cwd."""
+    text = resources.files("router").joinpath("default.toml").read_text("utf-8")
+    return parse_config(text, file="default.toml")
+
+
+def parse_config(text: str, *, file: str = "router.toml", base_dir: Path | None = None) -> Config:
+    """Parse config ``text``; ``base_dir`` (default: the cwd) anchors relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r" \(at (?:line (\d+), column \d+|end of document)\)$", str(exc))
+        line = int(match[1]) if match and match[1] else text.count("\n") + 1
+        message = str(exc)[: match.start()] if match else str(exc)
+        message = message[:1].lower() + message[1:]
+        raise ConfigError(f"invalid TOML: {message}", file=file, line=line) from exc
+    return _Builder(KeyLocator(text, file=file), (base_dir or Path.cwd()).absolute()).build(data)
+
+
+def config_error(where: Config | KeyLocator, key_path: str, message: str) -> ConfigError:
+    """A ``ConfigError`` pointing at ``key_path``'s line; for code that judges options later."""
+    locator = where.locator if isinstance(where, Config) else where
+    return ConfigError(message, file=locator.file, line=locator.line_of(key_path), key=key_path)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); port 0 means any free port."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
+    port = int((match.group(2) or match.group(4)) if match else -1)
+    if not match or port > 65535:
+        raise ValueError(f"invalid address {text!r}: expected 'host:port' or '[::1]:port'")
+    return match.group(1) or match.group(3), port
+
+
+def _join(prefix: str, key: str) -> str:
+    """A key path segment, quoted like TOML when it is not a bare key so paths stay unambiguous."""
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return f"{prefix}.{part}" if prefix else part
+
+
+_T = TypeVar("_T")
+
+
+class _Builder:
+    """One parse: turns the tomllib dict into a ``Config``, failing at the first located error."""
+
+    def __init__(self, locator: KeyLocator, base_dir: Path) -> None:
+        self.locator = locator
+        self.base_dir = base_dir
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return config_error(self.locator, key, message)
+
+    def build(self, data: dict[str, Any]) -> Config:
+        self.check_keys(data, _SECTIONS, "", what="section")
+        server = self.convert(
+            self.units(self.table(data, "server"), "server"), ServerConfig, "server"
+        )
+        server = msgspec.structs.replace(
+            server,
+            data_dir=self.base_dir / server.data_dir,
+            plugin_dirs=tuple(self.base_dir / p for p in server.plugin_dirs),
+        )
+        if server.http:
+            try:
+                parse_address(server.http)
+            except ValueError as exc:
+                raise self.error("server.http", str(exc)) from exc
+        queue_table = self.table(data, "queue")
+        if queue_table.get("synchronous", "full") not in ("full", "normal"):
+            raise self.error("queue.synchronous", "expected 'full' or 'normal'")
+        queue = self.convert(self.units(queue_table, "queue"), QueueConfig, "queue")
+        sources = {
+            name: self.source(name, self.table(data["sources"], name, "sources"))
+            for name in self.table(data, "sources")
+        }
+        self.check_sources(sources, server)
+        destinations = {
+            name: self.destination(name, self.table(data["destinations"], name, "destinations"))
+            for name in self.table(data, "destinations")
+        }
+        routes = data.get("routes", [])
+        if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+            raise self.error("routes", "expected an array of tables, written [[routes]]")
+        return Config(
+            file=self.locator.file,
+            server=server,
+            queue=queue,
+            sources=sources,
+            destinations=destinations,
+            routes=tuple(self.route(i, r, sources, destinations) for i, r in enumerate(routes)),
+            locator=self.locator,
+        )
+
+    def table(self, parent: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(_join(prefix, key), f"expected a table, got {_toml_type(value)}")
+        return value
+
+    def check_keys(
+        self, table: dict[str, Any], known: Iterable[str], prefix: str, what: str
+    ) -> None:
+        known = list(known)
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(_join(prefix, key), f"unknown {what}{hint}")
+
+    def convert(self, table: dict[str, Any], cls: type[_T], prefix: str, **extra: Any) -> _T:
+        """``table`` as a ``cls``, plus ``extra`` fields that the TOML does not spell."""
+        if issubclass(cls, msgspec.Struct):
+            fields = {f.encode_name for f in msgspec.structs.fields(cls)}
+            self.check_keys(table, fields - {"name", "line", "options"}, prefix, what="key")
+        try:
+            return msgspec.convert({**table, **extra}, cls, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            # msgspec says "Expected `int`, got `str` - at `$.retry.max_attempts`"; say it in
+            # TOML's words, at the key path the user wrote.
+            match = re.fullmatch(r"(.*?)(?: - at `\$(.*)`)?", str(exc))
+            assert match is not None  # the pattern matches any string
+            message = re.sub(
+                r"Object missing required field `(.*)`",
+                r"missing required key '\1'",
+                match.group(1).replace(" | null", ""),
+            )
+            message = re.sub(r"`(\w+)`", lambda m: _TYPE_NAMES.get(m[1], m[1]), message)
+            path = prefix + (match.group(2) or "")
+            raise self.error(path.lstrip("."), message[:1].lower() + message[1:]) from exc
+
+    def units(self, table: dict[str, Any], kind: str, prefix: str | None = None) -> dict[str, Any]:
+        """Durations and sizes (and a string ``socket_mode``) into numbers, located on failure."""
+        prefix = kind if prefix is None else prefix
+        out = dict(table)
+        for key, (parse, unit) in _UNITS[kind].items():
+            value = out.get(key)
+            if value is None or (key == "socket_mode" and type(value) is int):
+                continue
+            if not isinstance(value, str):
+                raise self.error(_join(prefix, key), f"expected {unit}, got {_toml_type(value)}")
+            try:
+                out[key] = parse(value)
+            except ValueError as exc:
+                raise self.error(_join(prefix, key), str(exc)) from exc
+        return out
+
+    def secret(self, value: str, key: str) -> Secret:
+        kind, _, rest = value.partition(":")
+        if kind == "env":
+            resolved = os.environ.get(rest)
+            if resolved is None:
+                raise self.error(key, f"environment variable {rest!r} is not set")
+        elif kind == "file":
+            path = self.base_dir / Path(rest).expanduser()
+            try:
+                resolved = path.read_text("utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise self.error(key, f"cannot read secret file '{path}': {reason}") from exc
+        else:
+            return Secret(value)
+        if not resolved:
+            raise self.error(key, f"secret {value!r} is empty")
+        return Secret(resolved)
+
+    def source(self, name: str, table: dict[str, Any]) -> SourceConfig:
+        prefix = _join("sources", name)
+        if isinstance(table.get("write_key"), str):
+            key = self.secret(table["write_key"], _join(prefix, "write_key"))
+            table = {**table, "write_key": key}
+        return self.convert(table, SourceConfig, prefix, name=name)
+
+    def check_sources(self, sources: dict[str, SourceConfig], server: ServerConfig) -> None:
+        socket_owner: str | None = None
+        key_owner: dict[str, str] = {}
+        for name, source in sources.items():
+            prefix = _join("sources", name)
+            if source.socket and socket_owner is not None:
+                message = f"only one source can take the socket; {socket_owner!r} already does"
+                raise self.error(_join(prefix, "socket"), message)
+            socket_owner = name if source.socket else socket_owner
+            if source.write_key is not None:
+                other = key_owner.setdefault(source.write_key.reveal(), name)
+                if other != name:
+                    raise self.error(
+                        _join(prefix, "write_key"), f"write key already used by source {other!r}"
+                    )
+        if socket_owner is None and server.socket:
+            if "socket" in sources:
+                raise self.error(
+                    "sources.socket", "the socket's source: set socket = true or rename it"
+                )
+            sources["socket"] = SourceConfig(name="socket", socket=True)
+
+    def destination(self, name: str, table: dict[str, Any]) -> DestinationConfig:
+        prefix = _join("destinations", name)
+        if "type" not in table:
+            raise self.error(prefix, "missing required key 'type'")
+        if table["type"] == "":
+            raise self.error(_join(prefix, "type"), "must not be empty")
+        known = {"type", "batch_size", "batch_wait", "concurrency", "timeout", "retry"}
+        options = {k: self.option(k, v, prefix) for k, v in table.items() if k not in known}
+        fields = self.units({k: v for k, v in table.items() if k in known}, "destination", prefix)
+        if "retry" in fields:
+            retry = self.table(fields, "retry", prefix)
+            fields["retry"] = self.units(retry, "retry", _join(prefix, "retry"))
+            self.check_keys(retry, RetryPolicy.__struct_fields__, _join(prefix, "retry"), "key")
+        built = self.convert(fields, DestinationConfig, prefix, name=name)
+        line = self.locator.line_of(prefix) or 0
+        return msgspec.structs.replace(built, options=options, line=line)
+
+    def option(self, key: str, value: Any, prefix: str) -> Any:
+        path = _join(prefix, key)
+        if key in _SECRET_KEYS and isinstance(value, str):
+            return self.secret(value, path)
+        if key in _REFERENCE_KEYS:
+            return self.reference(value, path)
+        if key == "headers" and isinstance(value, dict):
+            return {k: self.reference(v, _join(path, k)) for k, v in value.items()}
+        return value
+
+    def reference(self, value: Any, path: str) -> Any:
+        """``value`` resolved if it is an ``env:``/``file:`` reference, else as it is."""
+        is_reference = isinstance(value, str) and value.startswith(("env:", "file:"))
+        return self.secret(value, path) if is_reference else value
+
+    def route(
+        self,
+        index: int,
+        table: dict[str, Any],
+        sources: Mapping[str, SourceConfig],
+        destinations: Mapping[str, DestinationConfig],
+    ) -> RouteConfig:
+        prefix = f"routes[{index}]"
+        # A single name is as clear as a list of one; accept both.
+        listed = {k: [v] for k, v in table.items() if k in ("from", "to") and isinstance(v, str)}
+        table = {**table, **listed}
+        route = self.convert(table, RouteConfig, prefix)
+        for key, names, known, what, empty in [
+            ("from", route.sources, sources, "source", "omit 'from' to take every source"),
+            ("to", route.to, destinations, "destination", "a route needs a destination"),
+        ]:
+            if names == ():
+                raise self.error(f"{prefix}.{key}", f"is empty: {empty}")
+            for name in names or ():
+                if name not in known:
+                    close = difflib.get_close_matches(name, list(known), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise self.error(f"{prefix}.{key}", f"unknown {what} {name!r}{hint}")
+        if route.when is not None:
+            # Fail closed: ignoring a filter would send events the user meant to keep out.
+            raise self.error(
+                f"{prefix}.when",
+                "filter expressions (Segment FQL) are not supported by this version yet; "
+                "remove 'when' to route every event of the route's sources",
+            )
+        return msgspec.structs.replace(route, line=self.locator.line_of(prefix) or 0)
+
+
+def _dec_hook(cls: type[Any], value: Any) -> Any:
+    if isinstance(value, cls):  # a Secret resolved before conversion
+        return value
+    if cls is Path and isinstance(value, str):
+        return Path(value).expanduser()
+    raise NotImplementedError
+
+
+_TYPE_NAMES = {
+    "str": "string",
+    "Path": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "dict": "table",
+    "object": "table",
+    "list": "array",
+}
+
+
+def _toml_type(value: object) -> str:
+    return _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+
+
+class KeyLocator:
+    """Maps key paths (``destinations.hook.retry``, ``routes[1].to``) to the lines that set them.
+
+    A line scanner, not a parser: tomllib has already accepted the text, so it only has to
+    follow table headers, count ``[[array]]`` entries and skip multi-line values. Keys inside
+    inline tables and arrays fall back to the line of the key that holds them.
+    """
+
+    def __init__(self, text: str, *, file: str = "router.toml") -> None:
+        self.file = file
+        self._lines: dict[str, int] = {}
+        self._arrays: dict[str, int] = {}  # array-of-tables path -> index of its last entry
+        table = ""
+        pending: tuple[str | None, int] = (None, 0)  # an open multi-line string, bracket depth
+        for number, line in enumerate(text.splitlines(), start=1):
+            if pending != (None, 0):
+                pending = _scan_value(line, *pending)
+                continue
+            stripped = line.lstrip()
+            if stripped.startswith("["):
+                is_array = stripped.startswith("[[")
+                parsed = _parse_key(stripped, 2 if is_array else 1)
+                if parsed:
+                    table = self._header(parsed[0], is_array, number)
+                continue
+            parsed = _parse_key(stripped, 0)
+            if parsed and stripped[parsed[1] : parsed[1] + 1] == "=":
+                path = table
+                for part in parsed[0]:
+                    path = _join(path, part)
+                    self._lines.setdefault(path, number)
+                pending = _scan_value(stripped[parsed[1] + 1 :], None, 0)
+
+    def line_of(self, key_path: str) -> int | None:
+        """The line of ``key_path``, else of the nearest enclosing key or table that was written."""
+        path = key_path
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = _parent(path)
+        return None
+
+    def _header(self, parts: list[str], is_array: bool, line: int) -> str:
+        path = ""
+        for i, part in enumerate(parts):
+            path = _join(path, part)
+            if is_array and i == len(parts) - 1:
+                self._arrays[path] = self._arrays.get(path, -1) + 1
+            self._lines.setdefault(path, line)  # implicit parents: first mention
+            if path in self._arrays:
+                path += f"[{self._arrays[path]}]"
+        self._lines[path] = line  # an explicit header wins over an earlier implicit mention
+        return path
+
+
+_KEY_PART = re.compile(r'[ \t]*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|\'([^\']*)\')[ \t]*')
+_BASIC = re.compile(r'"(?:[^"\\]|\\.)*"?')
+_LITERAL = re.compile(r"'[^']*'?")
+_PARENT = re.compile(r'(?:\[\d+\]|\.?(?:"(?:[^"\\]|\\.)*"|[^."\[\]]+))$')
+
+
+def _parse_key(text: str, start: int) -> tuple[list[str], int] | None:
+    """A dotted key at ``text[start:]``: its parts and the index just after it."""
+    parts, pos = [], start
+    while match := _KEY_PART.match(text, pos):
+        bare, basic, literal = match.groups()
+        if basic is not None:
+            # A TOML-only escape such as \U0001F600 fails; the raw text is close enough.
+            with contextlib.suppress(ValueError):
+                basic = json.loads(f'"{basic}"')
+        parts.append(bare if bare is not None else basic if basic is not None else literal)
+        pos = match.end()
+        if text[pos : pos + 1] != ".":
+            return parts, pos
+        pos += 1
+    return None
+
+
+def _parent(path: str) -> str:
+    match = _PARENT.search(path)
+    return path[: match.start()] if match else ""
+
+
+def _scan_value(text: str, quote: str | None, depth: int) -> tuple[str | None, int]:
+    """Follow a value through one line: returns the open multi-line quote and bracket depth."""
+    i = 0
+    while i < len(text):
+        if quote:
+            if quote == '"""' and text[i] == "\\":
+                i += 2
+            elif text.startswith(quote, i):
+                i, quote = i + 3, None
+            else:
+                i += 1
+            continue
+        char = text[i]
+        if char == "#":
+            break
+        if text.startswith(('"""', "'''"), i):
+            quote, i = text[i : i + 3], i + 3
+            continue
+        if char in "\"'":
+            match = (_BASIC if char == '"' else _LITERAL).match(text, i)
+            i = match.end() if match else len(text)
+            continue
+        depth += (char in "[{") - (char in "]}")
+        i += 1
+    return quote, depth
