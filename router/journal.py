@@ -1,0 +1,564 @@
+"""The journal: router's durable queue in one SQLite file (WAL), through apsw.
+
+It owns the schema, the single writer thread and its group commit, and the read
+connections. Nothing else opens the database while the daemon runs.
+
+- ``events`` is an append-only log; ``seq`` only grows (AUTOINCREMENT, so pruning the
+  newest row can never hand its number out again and slip under a cursor).
+- ``cursors`` holds one low-water mark per destination: every event at or below it is
+  delivered, filtered, or in ``retries`` / ``dead_letters`` for that destination.
+- ``retries`` holds events that failed and wait for their due time; ``dead_letters``
+  keeps a copy of each event that gave up, with every attempt's outcome.
+- ``counters`` keeps per-destination totals for the conservation check
+  (routed = delivered + dead_lettered + filtered + pending).
+
+Every write goes through one thread that takes whatever operations are waiting, applies
+each in its own savepoint (so one bad operation fails alone), commits once, and only then
+wakes the waiters: many concurrent acks share one fsync.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import apsw
+import trio
+
+from router.errors import JournalError, QueueFullError, RouterError
+from router.events import StoredEvent
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_message ON events(source, message_id);
+CREATE TABLE IF NOT EXISTS cursors(destination TEXT PRIMARY KEY, seq INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retries(
+    destination TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    due REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_attempt_at REAL NOT NULL,
+    history TEXT NOT NULL,
+    PRIMARY KEY(destination, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS retries_by_due ON retries(destination, due);
+CREATE TABLE IF NOT EXISTS dead_letters(
+    destination TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    dead_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    history TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY(destination, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters(
+    destination TEXT PRIMARY KEY,
+    routed INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
+    filtered INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
+# Keep dedupe cheap: a duplicate is one that the same source sent with the same
+# messageId recently enough; older rows with that id do not count.
+_INSERT_UNLESS_DUPLICATE = """
+INSERT INTO events(source, message_id, received_at, body)
+SELECT ?1, ?2, ?3, ?4
+WHERE NOT EXISTS (
+    SELECT 1 FROM events WHERE source = ?1 AND message_id = ?2 AND received_at >= ?5
+)
+"""
+
+Synchronous = Literal["full", "normal"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One row of the log, as the dispatchers read it."""
+
+    seq: int
+    source: str
+    message_id: str
+    received_at: float
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRetry:
+    event: LoggedEvent
+    due: float
+    attempts: int
+    first_attempt_at: float
+    history: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRow:
+    seq: int
+    due: float
+    attempts: int
+    first_attempt_at: float
+    history: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    event: LoggedEvent
+    reason: str
+    attempts: int
+    history: str
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """Everything one dispatcher learned from finished work, committed as one unit."""
+
+    destination: str
+    cursor: int | None = None
+    routed: int = 0
+    filtered: int = 0
+    delivered: int = 0
+    retries: list[RetryRow] = field(default_factory=list)
+    retries_done: list[int] = field(default_factory=list)
+    dead: list[DeadRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    routed: int
+    delivered: int
+    dead_lettered: int
+    filtered: int
+
+    @property
+    def pending(self) -> int:
+        return self.routed - self.delivered - self.dead_lettered - self.filtered
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    destination: str
+    seq: int
+    source: str
+    message_id: str
+    dead_at: float
+    reason: str
+    attempts: int
+    history: str
+    body: bytes
+
+
+_Apply = Callable[[apsw.Connection], Any]
+
+
+@dataclass(slots=True)
+class _Operation:
+    apply: _Apply
+    done: trio.Event
+    result: Any = None
+    error: BaseException | None = None
+
+
+_STOP = object()
+
+
+def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
+    """Open the database, mapping "this is not a usable queue" to a clear JournalError."""
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    if not readonly:
+        flags |= apsw.SQLITE_OPEN_CREATE
+    try:
+        conn = apsw.Connection(str(path), flags=flags)
+        conn.set_busy_timeout(5000)
+        conn.execute("PRAGMA foreign_keys = OFF")
+    except apsw.Error as exc:
+        raise JournalError(f"cannot open the queue database {path}: {exc}") from exc
+    return conn
+
+
+def check_integrity(conn: apsw.Connection, path: Path) -> None:
+    """Refuse a damaged database: starting empty beside it would silently lose the backlog."""
+    try:
+        rows = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    except apsw.Error as exc:
+        rows = [str(exc)]
+    if rows != ["ok"]:
+        detail = "; ".join(str(r) for r in rows[:5])
+        raise JournalError(
+            f"the queue database {path} is damaged ({detail}). router will not start on it, "
+            "so that no acked event is silently dropped. Stop here: copy the file aside, try "
+            f"`sqlite3 {path} .recover`, or move it away to start with an empty queue."
+        )
+
+
+def _prepare(path: Path, synchronous: Synchronous) -> apsw.Connection:
+    conn = connect(path)
+    check_integrity(conn, path)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+        if mode != "wal":
+            raise JournalError(f"{path}: cannot switch the queue to WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        with conn:
+            conn.execute(_SCHEMA)
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchall()
+            if not version:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif version[0][0] != SCHEMA_VERSION:
+                raise JournalError(
+                    f"{path}: queue schema version {version[0][0]}, this router "
+                    f"reads version {SCHEMA_VERSION}"
+                )
+    except apsw.Error as exc:
+        raise JournalError(f"cannot prepare the queue database {path}: {exc}") from exc
+    return conn
+
+
+class Journal:
+    """The durable queue. Create with ``open_journal``; all writes go through its thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        conn: apsw.Connection,
+        *,
+        dedupe_window: float,
+        max_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._conn = conn
+        self._dedupe_window = dedupe_window
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._ops: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._head = _scalar(conn, "SELECT coalesce(max(seq), 0) FROM events")
+        self._head_changed = trio.Event()
+        self._page_size = _scalar(conn, "PRAGMA page_size")
+        self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._thread.start()
+
+    # -- the trio side -------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The newest committed sequence number."""
+        return self._head
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Wait until something newer than ``seq`` is committed."""
+        while self._head <= seq:
+            await self._head_changed.wait()
+
+    async def append(self, source: str, events: Sequence[StoredEvent], received_at: float) -> int:
+        """Commit ``events``; returns how many were new (the rest were duplicates).
+
+        Returns only after the commit, so the caller may ack. Shielded: a client that hangs
+        up mid-commit must not leave us unsure what was written.
+        """
+        since = received_at - self._dedupe_window
+        rows = [(source, e.message_id, received_at, e.body, since) for e in events]
+
+        def apply(conn: apsw.Connection) -> int:
+            self._refuse_if_full(conn)
+            before = conn.total_changes()
+            conn.executemany(_INSERT_UNLESS_DUPLICATE, rows)
+            return conn.total_changes() - before
+
+        stored: int = await self._submit(apply)
+        return stored
+
+    async def record(self, batch: BatchRecord) -> None:
+        """Commit a dispatcher's outcomes (and its cursor) atomically."""
+        await self._submit(lambda conn: _apply_record(conn, batch))
+
+    async def ensure_cursors(self, destinations: Sequence[str]) -> dict[str, int]:
+        """Cursors for ``destinations``; a new destination starts at the head (new events
+        only; `router replay` backfills it)."""
+
+        def apply(conn: apsw.Connection) -> dict[str, int]:
+            cursors: dict[str, int] = {}
+            for name in destinations:
+                conn.execute(
+                    "INSERT OR IGNORE INTO cursors VALUES (?, (SELECT coalesce(max(seq), 0)"
+                    " FROM events))",
+                    (name,),
+                )
+                conn.execute("INSERT OR IGNORE INTO counters(destination) VALUES (?)", (name,))
+                cursors[name] = _scalar(
+                    conn, "SELECT seq FROM cursors WHERE destination = ?", (name,)
+                )
+            return cursors
+
+        result: dict[str, int] = await self._submit(apply)
+        return result
+
+    def reader(self) -> Reader:
+        return Reader(self.path)
+
+    async def _submit(self, apply: _Apply) -> Any:
+        op = _Operation(apply=apply, done=trio.Event())
+        self._ops.put(op)
+        with trio.CancelScope(shield=True):
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def aclose(self) -> None:
+        """Finish every queued write, then close the file."""
+        self._ops.put(_STOP)
+        await trio.to_thread.run_sync(self._thread.join)
+        self._conn.close()
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            ops: list[_Operation] = []
+            item = self._ops.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    assert isinstance(item, _Operation)
+                    ops.append(item)
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+            if ops:
+                self._commit_group(ops)
+
+    def _commit_group(self, ops: list[_Operation]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                try:
+                    with conn:  # a savepoint: this operation alone rolls back on error
+                        op.result = op.apply(conn)
+                except RouterError as exc:
+                    op.error = exc
+                except apsw.FullError as exc:
+                    op.error = QueueFullError(f"the disk holding the queue is full: {exc}")
+                except apsw.Error as exc:
+                    log.exception("journal operation failed")
+                    op.error = JournalError(f"queue write failed: {exc}")
+            conn.execute("COMMIT")
+        except apsw.Error as exc:
+            # The commit itself failed (disk full, I/O error): nothing of this group is
+            # durable, so nothing of it may be acked.
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            log.exception("queue commit failed")
+            for op in ops:
+                if isinstance(exc, apsw.FullError):
+                    op.error = QueueFullError(f"the disk holding the queue is full: {exc}")
+                else:
+                    op.error = JournalError(f"queue commit failed: {exc}")
+        head = _scalar(conn, "SELECT coalesce(max(seq), 0) FROM events")
+        try:
+            self._token.run_sync_soon(self._finish, ops, head)
+        except trio.RunFinishedError:
+            log.warning("journal finished writes after the event loop stopped")
+
+    def _refuse_if_full(self, conn: apsw.Connection) -> None:
+        pages = _scalar(conn, "PRAGMA page_count")
+        if pages * self._page_size >= self._max_bytes:
+            raise QueueFullError(
+                f"the queue holds {pages * self._page_size} bytes, at its limit "
+                f"queue.max_bytes = {self._max_bytes}"
+            )
+
+    def _finish(self, ops: list[_Operation], head: int) -> None:
+        """Runs in the trio thread: wake the waiters and the dispatchers."""
+        for op in ops:
+            op.done.set()
+        if head != self._head:
+            self._head = head
+            self._head_changed.set()
+            self._head_changed = trio.Event()
+
+
+def _apply_record(conn: apsw.Connection, batch: BatchRecord) -> None:
+    name = batch.destination
+    if batch.retries:
+        conn.executemany(
+            "INSERT OR REPLACE INTO retries VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (name, r.seq, r.due, r.attempts, r.first_attempt_at, r.history)
+                for r in batch.retries
+            ],
+        )
+    done = batch.retries_done + [d.event.seq for d in batch.dead]
+    if done:
+        conn.executemany(
+            "DELETE FROM retries WHERE destination = ? AND seq = ?", [(name, s) for s in done]
+        )
+    if batch.dead:
+        now = time.time()
+        conn.executemany(
+            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    name,
+                    d.event.seq,
+                    d.event.source,
+                    d.event.message_id,
+                    now,
+                    d.reason,
+                    d.attempts,
+                    d.history,
+                    d.event.body,
+                )
+                for d in batch.dead
+            ],
+        )
+    conn.execute(
+        "UPDATE counters SET routed = routed + ?, filtered = filtered + ?, "
+        "delivered = delivered + ?, dead_lettered = dead_lettered + ? WHERE destination = ?",
+        (batch.routed, batch.filtered, batch.delivered, len(batch.dead), name),
+    )
+    if batch.cursor is not None:
+        conn.execute(
+            "UPDATE cursors SET seq = max(seq, ?) WHERE destination = ?", (batch.cursor, name)
+        )
+
+
+class Reader:
+    """A read-only connection for one task; every call runs on a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = connect(path, readonly=True)
+
+    async def events_after(self, seq: int, limit: int) -> list[LoggedEvent]:
+        return await trio.to_thread.run_sync(self._events_after, seq, limit)
+
+    def _events_after(self, seq: int, limit: int) -> list[LoggedEvent]:
+        rows = self._conn.execute(
+            "SELECT seq, source, message_id, received_at, body FROM events "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [LoggedEvent(*row) for row in rows]
+
+    async def due_retries(
+        self, destination: str, now: float, limit: int, skip: frozenset[int]
+    ) -> tuple[list[PendingRetry], float | None]:
+        """Retries due by ``now`` (not in ``skip``), and the next due time after those."""
+        return await trio.to_thread.run_sync(self._due_retries, destination, now, limit, skip)
+
+    def _due_retries(
+        self, destination: str, now: float, limit: int, skip: frozenset[int]
+    ) -> tuple[list[PendingRetry], float | None]:
+        rows = self._conn.execute(
+            "SELECT e.seq, e.source, e.message_id, e.received_at, e.body, "
+            "r.due, r.attempts, r.first_attempt_at, r.history "
+            "FROM retries r JOIN events e ON e.seq = r.seq "
+            "WHERE r.destination = ? ORDER BY r.due LIMIT ?",
+            (destination, limit + len(skip)),
+        )
+        due: list[PendingRetry] = []
+        next_due: float | None = None
+        for row in rows:
+            if row[0] in skip:
+                continue
+            if row[5] > now:
+                next_due = row[5]
+                break
+            if len(due) < limit:
+                due.append(PendingRetry(LoggedEvent(*row[:5]), *row[5:]))
+        return due, next_due
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class Inspector:
+    """Synchronous read-only views for the CLI and tests (dead letters, counters, cursors)."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = connect(path, readonly=True)
+
+    def dead_letters(self, destination: str | None = None) -> list[DeadLetter]:
+        sql = "SELECT * FROM dead_letters"
+        args: tuple[str, ...] = ()
+        if destination is not None:
+            sql += " WHERE destination = ?"
+            args = (destination,)
+        return [DeadLetter(*row) for row in self._conn.execute(sql + " ORDER BY seq", args)]
+
+    def counters(self, destination: str) -> Counters:
+        rows = self._conn.execute(
+            "SELECT routed, delivered, dead_lettered, filtered FROM counters WHERE destination = ?",
+            (destination,),
+        ).fetchall()
+        if not rows:
+            return Counters(0, 0, 0, 0)
+        routed, delivered, dead, filtered = (n if isinstance(n, int) else 0 for n in rows[0])
+        return Counters(routed, delivered, dead, filtered)
+
+    def retries(self, destination: str) -> list[RetryRow]:
+        rows = self._conn.execute(
+            "SELECT seq, due, attempts, first_attempt_at, history FROM retries "
+            "WHERE destination = ? ORDER BY seq",
+            (destination,),
+        )
+        return [RetryRow(*row) for row in rows]
+
+    def event_count(self) -> int:
+        return _scalar(self._conn, "SELECT count(*) FROM events")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _scalar(conn: apsw.Connection, sql: str, args: tuple[object, ...] = ()) -> int:
+    """The one integer a query answers (a count, a max, a pragma)."""
+    value = conn.execute(sql, args).fetchall()[0][0]
+    assert isinstance(value, int), f"{sql!r} answered {value!r}"
+    return value
+
+
+@asynccontextmanager
+async def open_journal(
+    path: Path,
+    *,
+    synchronous: Synchronous = "full",
+    dedupe_window: float = 24 * 3600.0,
+    max_bytes: int = 10 * 1024**3,
+) -> AsyncIterator[Journal]:
+    """Open (creating if needed) and check the queue, run its writer, close it cleanly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = await trio.to_thread.run_sync(_prepare, path, synchronous)
+    journal = Journal(path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes)
+    try:
+        yield journal
+    finally:
+        with trio.CancelScope(shield=True):
+            await journal.aclose()
