@@ -1,0 +1,329 @@
+"""One dispatcher per destination: read the log from its cursor, batch, send, decide.
+
+Two loops feed one pool of at most ``concurrency`` in-flight batches:
+
+- the live loop reads events after the scan position, keeps those its routes match,
+  cuts them into batches and sends them. Each batch owns a *span* of the log; spans
+  finish in any order but commit in log order, so the cursor (a low-water mark) only
+  moves over spans whose every event is delivered, filtered, retrying or dead.
+- the retry loop sends retry-set events whose due time has come.
+
+Each attempt runs under the destination's ``timeout``; an exception from the destination
+or a timeout is a retryable failure. ``router.retry.decide`` turns each result into
+Delivered / RetryAt / DeadLetter; the journal commits the lot atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from router.destinations.base import Delivery, Destination
+from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.journal import (
+    BatchRecord,
+    DeadRow,
+    Journal,
+    LoggedEvent,
+    PendingRetry,
+    Reader,
+    RetryRow,
+)
+from router.retry import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    Jitter,
+    RetryAt,
+    RetryPolicy,
+    decide,
+    full_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+HISTORY_KEEP = 10
+DETAIL_BYTES = 512
+# Read this many log rows per scan at least, so a destination that matches few sources
+# does not crawl through the log one small batch at a time.
+MIN_SCAN = 512
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    name: str
+    batch_size: int = 1
+    batch_wait: float = 0.2
+    concurrency: int = 1
+    timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(slots=True)
+class _Span:
+    """A stretch of the log (after ``start``, up to ``end``) handled by one live batch."""
+
+    end: int
+    events: list[LoggedEvent]
+    routed: int
+    filtered: int = 0
+    record: BatchRecord | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: DispatchSettings,
+        destination: Destination,
+        journal: Journal,
+        *,
+        cursor: int,
+        accepts: Callable[[str], bool],
+        clock: Callable[[], float] = time.time,
+        jitter: Jitter = full_jitter,
+    ) -> None:
+        self.settings = settings
+        self._destination = destination
+        self._journal = journal
+        self._cursor = cursor
+        self._accepts = accepts
+        self._clock = clock
+        self._jitter = jitter
+        self._slots = trio.Semaphore(settings.concurrency)
+        self._spans: deque[_Span] = deque()
+        self._commit_lock = trio.Lock()
+        self._retrying: set[int] = set()
+        self._retries_changed = trio.Event()
+        self._fetching = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``stop``; then let batches in flight finish (the caller sets a deadline)."""
+        reader = self._journal.reader()
+        try:
+            async with trio.open_nursery() as senders:
+                with self._fetching:
+                    task_status.started()
+                    async with trio.open_nursery() as loops:
+                        loops.start_soon(self._live_loop, reader, senders)
+                        loops.start_soon(self._retry_loop, reader, senders)
+        finally:
+            reader.close()
+            with trio.CancelScope(shield=True):
+                await self._destination.aclose()
+
+    def stop(self) -> None:
+        """Stop taking new work; batches in flight go on."""
+        self._fetching.cancel()
+
+    # -- live traffic ----------------------------------------------------------
+
+    async def _live_loop(self, reader: Reader, senders: trio.Nursery) -> None:
+        scanned = self._cursor
+        size = self.settings.batch_size
+        while True:
+            await self._journal.wait_beyond(scanned)
+            if self._journal.head - scanned < size and self.settings.batch_wait > 0:
+                with trio.move_on_after(self.settings.batch_wait):
+                    while self._journal.head - scanned < size:
+                        await self._journal.wait_beyond(self._journal.head)
+            rows = await reader.events_after(scanned, max(MIN_SCAN, size))
+            if not rows:
+                continue
+            for span in self._cut_spans(rows):
+                await self._slots.acquire()
+                self._spans.append(span)
+                senders.start_soon(self._send_span, span)
+            scanned = rows[-1].seq
+
+    def _cut_spans(self, rows: list[LoggedEvent]) -> list[_Span]:
+        """Split scanned rows into batches; each span reaches to its last row's seq, the
+        last span to the end of the scan, so skipped rows are covered too."""
+        matched = [row for row in rows if self._accepts(row.source)]
+        size = self.settings.batch_size
+        spans = [
+            _Span(
+                end=matched[i + size - 1].seq if i + size < len(matched) else rows[-1].seq,
+                events=matched[i : i + size],
+                routed=len(matched[i : i + size]),
+            )
+            for i in range(0, len(matched), size)
+        ]
+        return spans or [_Span(end=rows[-1].seq, events=[], routed=0)]
+
+    async def _send_span(self, span: _Span) -> None:
+        record = BatchRecord(self.settings.name, routed=span.routed, filtered=span.filtered)
+        if span.events:
+            now = self._clock()
+            results = await self._attempt(span.events, attempt=1)
+            for row, result in zip(span.events, results, strict=True):
+                self._judge(record, row, result, attempts=1, first_attempt_at=now, history="[]")
+        span.record = record
+        await self._commit_finished_spans()
+
+    async def _commit_finished_spans(self) -> None:
+        """Commit the finished spans at the front, in log order, with the new cursor."""
+        async with self._commit_lock:
+            merged = BatchRecord(self.settings.name)
+            released = 0
+            while self._spans and self._spans[0].record is not None:
+                span = self._spans.popleft()
+                _merge(merged, span.record)  # type: ignore[arg-type]
+                merged.cursor = span.end
+                released += 1
+            if not released:
+                return
+            await self._journal.record(merged)
+            self._cursor = merged.cursor or self._cursor
+            if merged.retries:
+                self._wake_retries()
+            for _ in range(released):
+                self._slots.release()
+
+    # -- the retry set ---------------------------------------------------------
+
+    async def _retry_loop(self, reader: Reader, senders: trio.Nursery) -> None:
+        while True:
+            changed = self._retries_changed
+            due, next_due = await reader.due_retries(
+                self.settings.name,
+                self._clock(),
+                self.settings.batch_size,
+                frozenset(self._retrying),
+            )
+            if due:
+                await self._slots.acquire()
+                self._retrying.update(p.event.seq for p in due)
+                senders.start_soon(self._send_retries, due)
+                continue
+            wait = 3600.0 if next_due is None else max(0.0, next_due - self._clock())
+            with trio.move_on_after(wait):
+                await changed.wait()
+
+    async def _send_retries(self, due: list[PendingRetry]) -> None:
+        record = BatchRecord(self.settings.name)
+        try:
+            events = [p.event for p in due]
+            attempts = {p.event.seq: p.attempts + 1 for p in due}
+            results = await self._attempt(events, attempt=min(attempts.values()))
+            for pending, result in zip(due, results, strict=True):
+                self._judge(
+                    record,
+                    pending.event,
+                    result,
+                    attempts=pending.attempts + 1,
+                    first_attempt_at=pending.first_attempt_at,
+                    history=pending.history,
+                )
+            await self._journal.record(record)
+        finally:
+            self._retrying.difference_update(p.event.seq for p in due)
+            self._slots.release()
+            self._wake_retries()
+
+    def _wake_retries(self) -> None:
+        self._retries_changed.set()
+        self._retries_changed = trio.Event()
+
+    # -- one attempt -----------------------------------------------------------
+
+    async def _attempt(self, rows: Sequence[LoggedEvent], *, attempt: int) -> list[AttemptResult]:
+        """Send once; whatever happens comes back as one AttemptResult per event."""
+        batch = [
+            Delivery(r.seq, r.source, r.message_id, r.received_at, r.body, attempt) for r in rows
+        ]
+        name = self.settings.name
+        results: Sequence[AttemptResult] | None = None
+        with trio.move_on_after(self.settings.timeout) as scope:
+            try:
+                results = await self._destination.send(batch)
+            except RetryableDeliveryError as exc:
+                failure = AttemptResult(
+                    ok=False, status=exc.status, detail=_detail(exc), retry_after=exc.retry_after
+                )
+                results = [failure] * len(batch)
+            except PermanentDeliveryError as exc:
+                failure = AttemptResult(
+                    ok=False, retryable=False, status=exc.status, detail=_detail(exc)
+                )
+                results = [failure] * len(batch)
+            # Containment: a plugin bug must only cost retries of its own events.
+            except Exception as exc:  # noqa: BLE001
+                log.warning("destination raised destination=%s error=%r", name, exc)
+                failure = AttemptResult(ok=False, detail=f"destination raised {exc!r}")
+                results = [failure] * len(batch)
+        if scope.cancelled_caught:
+            detail = f"timed out after {self.settings.timeout:g}s"
+            log.warning("destination timed out destination=%s", name)
+            return [AttemptResult(ok=False, detail=detail)] * len(batch)
+        if results is None:
+            return [AttemptResult(ok=True)] * len(batch)
+        if len(results) != len(batch):
+            log.error("destination returned %d results for %d events", len(results), len(batch))
+            detail = "destination returned a wrong number of results"
+            return [AttemptResult(ok=False, detail=detail)] * len(batch)
+        return list(results)
+
+    def _judge(
+        self,
+        record: BatchRecord,
+        row: LoggedEvent,
+        result: AttemptResult,
+        *,
+        attempts: int,
+        first_attempt_at: float,
+        history: str,
+    ) -> None:
+        now = self._clock()
+        decision = decide(
+            result,
+            attempts=attempts,
+            first_attempt_at=first_attempt_at,
+            now=now,
+            policy=self.settings.retry,
+            jitter=self._jitter,
+        )
+        if isinstance(decision, Delivered):
+            record.delivered += 1
+            if attempts > 1:
+                record.retries_done.append(row.seq)
+            return
+        updated = _append_history(history, now, result)
+        if isinstance(decision, RetryAt):
+            record.retries.append(
+                RetryRow(row.seq, decision.due, attempts, first_attempt_at, updated)
+            )
+        elif isinstance(decision, DeadLetter):
+            log.warning(
+                "dead-lettered destination=%s message_id=%s reason=%s",
+                self.settings.name,
+                row.message_id,
+                decision.reason,
+            )
+            record.dead.append(DeadRow(row, decision.reason, attempts, updated))
+
+
+def _detail(exc: RetryableDeliveryError | PermanentDeliveryError) -> str:
+    return f"{exc}: {exc.detail}" if exc.detail else str(exc)
+
+
+def _append_history(history: str, now: float, result: AttemptResult) -> str:
+    entries = msgspec.json.decode(history)
+    entries.append(
+        {"at": round(now, 3), "status": result.status, "detail": result.detail[:DETAIL_BYTES]}
+    )
+    return msgspec.json.encode(entries[-HISTORY_KEEP:]).decode()
+
+
+def _merge(into: BatchRecord, part: BatchRecord) -> None:
+    into.routed += part.routed
+    into.filtered += part.filtered
+    into.delivered += part.delivered
+    into.retries.extend(part.retries)
+    into.retries_done.extend(part.retries_done)
+    into.dead.extend(part.dead)
