@@ -1,0 +1,87 @@
+"""The ``router`` command. Parses arguments and calls into the rest; no logic of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from router.config import Config, default_config, load_config
+from router.daemon import Daemon, build_destinations
+from router.destinations.base import Destination
+from router.errors import RouterError
+from router.logs import setup_logging
+
+app = typer.Typer(
+    help="router: a self-hosted event router with a durable queue.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # plain tracebacks: journald and log files are not terminals
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file; without it, the embedded default."),
+]
+
+
+def _load(config: Path | None) -> Config:
+    return default_config() if config is None else load_config(config)
+
+
+def _fail(exc: RouterError) -> typer.Exit:
+    typer.echo(f"router: {exc}", err=True)
+    return typer.Exit(code=2)
+
+
+def _only_router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | None:
+    """The RouterError inside a nursery's exception group, if that is all it holds."""
+    matched, rest = group.split(RouterError)
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, RouterError) else None
+
+
+@app.command()
+def run(config: ConfigOption = None, log_level: str = "info") -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    setup_logging(log_level)
+    try:
+        loaded = _load(config)
+        trio.run(Daemon(loaded).run)
+    except RouterError as exc:
+        raise _fail(exc) from exc
+    except BaseExceptionGroup as group:
+        error = _only_router_error(group)
+        if error is None:
+            raise
+        raise _fail(error) from group
+
+
+@app.command()
+def check(config: ConfigOption = None) -> None:
+    """Validate a config, including that every destination can be built."""
+    try:
+        loaded = _load(config)
+        destinations = build_destinations(loaded)
+        trio.run(_close_all, list(destinations.values()))
+    except RouterError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"{loaded.file}: ok ({len(loaded.sources)} sources, "
+        f"{len(loaded.destinations)} destinations, {len(loaded.routes)} routes)"
+    )
+
+
+async def _close_all(destinations: list[Destination]) -> None:
+    for destination in destinations:
+        await destination.aclose()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,211 @@
+"""The daemon: one nursery tree that opens the journal, starts a dispatcher per
+destination, binds the listeners, and on SIGTERM/SIGINT drains in reverse order.
+
+Start-up order matters: cursors exist before any event can be acked (so a new
+destination sees everything acked after it was configured), and listeners bind last
+(so ``/ready`` and the socket mean the whole pipeline is up).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import trio
+
+from router.config import Config, DestinationConfig
+from router.destinations import build, discover
+from router.destinations.base import BuildContext, Destination
+from router.dispatch import Dispatcher, DispatchSettings
+from router.errors import RouterError
+from router.ingress.http import HttpServer, Request, Response
+from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
+from router.journal import Journal, open_journal
+
+log = logging.getLogger(__name__)
+
+
+def build_destinations(config: Config) -> dict[str, Destination]:
+    """Build every configured destination; raises ConfigError on the first that fails."""
+    types = discover(config.server.plugin_dirs)
+    built: dict[str, Destination] = {}
+    for name, dest in config.destinations.items():
+        built[name] = build(_build_context(config, dest), types)
+    return built
+
+
+def _build_context(config: Config, dest: DestinationConfig) -> BuildContext:
+    return BuildContext(
+        name=dest.name,
+        type=dest.type,
+        options=dest.options,
+        data_dir=config.server.data_dir,
+        timeout=dest.timeout,
+        batch_size=dest.batch_size,
+        file=config.file,
+        line=dest.line,
+    )
+
+
+def route_filter(config: Config, destination: str) -> Callable[[str], bool] | None:
+    """Which sources reach ``destination`` by some route; None when no route does."""
+    sources: set[str] = set()
+    for route in config.routes:
+        if destination in route.to:
+            if route.sources is None:
+                return lambda _source: True
+            sources.update(route.sources)
+    if not sources:
+        return None
+    frozen = frozenset(sources)
+    return frozen.__contains__
+
+
+@contextmanager
+def data_dir_lock(config: Config) -> Iterator[None]:
+    """One daemon per data directory: two writers would break every guarantee."""
+    data_dir = config.server.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "router.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RouterError(
+                f"another router is running on {data_dir} (it holds {data_dir}/router.lock)"
+            ) from exc
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+@dataclass
+class Daemon:
+    config: Config
+    ready: bool = False
+    dispatchers: list[Dispatcher] = field(default_factory=list)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        destinations = build_destinations(config)
+        with data_dir_lock(config):
+            async with open_journal(
+                config.server.data_dir / "queue.db",
+                synchronous=config.queue.synchronous,
+                dedupe_window=config.queue.dedupe_window,
+                max_bytes=config.queue.max_bytes,
+            ) as journal:
+                await self._serve(journal, destinations, task_status)
+        log.info("router stopped")
+
+    async def _serve(
+        self,
+        journal: Journal,
+        destinations: dict[str, Destination],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        config = self.config
+        cursors = await journal.ensure_cursors(list(destinations))
+        with (
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+            trio.CancelScope() as dispatch_scope,
+        ):
+            async with trio.open_nursery() as dispatch_nursery:
+                await self._start_dispatchers(journal, destinations, cursors, dispatch_nursery)
+                async with trio.open_nursery() as ingress_nursery:
+                    http = await self._start_ingress(journal, ingress_nursery)
+                    self.ready = True
+                    log.info("router ready data_dir=%s", config.server.data_dir)
+                    task_status.started()
+                    async for signum in signals:
+                        log.info("stopping signal=%s", signal.Signals(signum).name)
+                        break
+                    self.ready = False
+                    if http is not None:
+                        await http.shutdown(config.server.shutdown_grace)
+                    ingress_nursery.cancel_scope.cancel()
+                _remove_socket(config.server.socket_path)
+                # Deliveries in flight get the grace period; past it they are cut off and
+                # retried after the next start (at-least-once).
+                for dispatcher in self.dispatchers:
+                    dispatcher.stop()
+                dispatch_scope.deadline = trio.current_time() + config.server.shutdown_grace
+        if dispatch_scope.cancelled_caught:
+            log.warning("deliveries were still in flight at the end of the grace period")
+
+    async def _start_dispatchers(
+        self,
+        journal: Journal,
+        destinations: dict[str, Destination],
+        cursors: dict[str, int],
+        nursery: trio.Nursery,
+    ) -> None:
+        for name, destination in destinations.items():
+            accepts = route_filter(self.config, name)
+            if accepts is None:
+                log.warning("destination has no route destination=%s", name)
+                await destination.aclose()
+                continue
+            dispatcher = Dispatcher(
+                _settings(self.config.destinations[name]),
+                destination,
+                journal,
+                cursor=cursors[name],
+                accepts=accepts,
+            )
+            self.dispatchers.append(dispatcher)
+            await nursery.start(dispatcher.run)
+
+    async def _start_ingress(self, journal: Journal, nursery: trio.Nursery) -> HttpServer | None:
+        config = self.config
+        socket_path = config.server.socket_path
+        if socket_path is not None and config.socket_source is not None:
+            source = config.sources[config.socket_source]
+            sock = bind_unix_socket(socket_path, config.server.socket_mode)
+            ingress = UnixIngress(journal, SocketSource(source.name, source.raw))
+            await nursery.start(ingress.serve, sock)
+            log.info("listening socket=%s source=%s", socket_path, source.name)
+        address = config.server.http_address
+        if address is None:
+            return None
+        http = HttpServer(self._handle_http)
+        port = await nursery.start(http.serve, address[0], address[1])
+        log.info("listening http=%s:%s", address[0], port)
+        return http
+
+    async def _handle_http(self, request: Request) -> Response:
+        if request.path == "/health":
+            return _json(200, {"status": "ok"})
+        if request.path == "/ready":
+            if self.ready:
+                return _json(200, {"status": "ready"})
+            return _json(503, {"status": "not ready"})
+        return _json(404, {"code": "not_found", "message": f"no route for {request.path}"})
+
+
+def _remove_socket(path: Path | None) -> None:
+    # Only on a clean stop: a socket file left behind tells the next start nothing it needs,
+    # and the data directory lock means no other router can own it.
+    if path is not None and path.is_socket():
+        path.unlink()
+
+
+def _json(status: int, body: object) -> Response:
+    return Response(status, msgspec.json.encode(body))
+
+
+def _settings(dest: DestinationConfig) -> DispatchSettings:
+    return DispatchSettings(
+        name=dest.name,
+        batch_size=dest.batch_size,
+        batch_wait=dest.batch_wait,
+        concurrency=dest.concurrency,
+        timeout=dest.timeout,
+        retry=dest.retry,
+    )
