@@ -604,11 +604,14 @@ def test_routes() -> None:
 def test_a_filter_is_refused_until_filters_are_supported() -> None:
     # Fail closed: a route that silently ignored its filter would leak events.
     with pytest.raises(ConfigError) as error:
-        parse(HOOK + """
+        parse(
+            HOOK
+            + """
         [[routes]]
         to = "hook"
         when = "event = 'Signed Up'"
-        """)
+        """
+        )
     assert str(error.value).startswith("router.toml:6: routes[0].when: filter expressions")
 
 
