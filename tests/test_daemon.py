@@ -131,9 +131,11 @@ def test_a_400_dead_letters_at_once_with_its_status(tmp_path, daemons):
         receiver.close()
 
 
-def test_signed_requests_verify_with_standard_webhooks(tmp_path, receiver, daemons):
+def test_signed_requests_verify_with_standard_webhooks(tmp_path, receiver, daemons, monkeypatch):
     secret = "whsec_" + base64.b64encode(b"a 24 byte secret for tests").decode()
-    daemon = start(daemons, tmp_path, webhook_config(receiver.url, extra=f'secret = "{secret}"'))
+    monkeypatch.setenv("HOOK_AUTH", "Bearer t0ken")
+    extra = f'secret = "{secret}"\nheaders = {{ Authorization = "env:HOOK_AUTH", X-Team = "data" }}'
+    daemon = start(daemons, tmp_path, webhook_config(receiver.url, extra=extra))
     send_events(daemon.socket_path, ["s-1", "s-2", "s-3"])
     receiver.wait_for(3)
     verifier = standardwebhooks.Webhook(secret)
@@ -142,6 +144,8 @@ def test_signed_requests_verify_with_standard_webhooks(tmp_path, receiver, daemo
         assert request.headers["webhook-id"] == payload["messageId"]
         expected = hmac.new(secret.encode(), request.body, hashlib.sha1).hexdigest()
         assert request.headers["x-signature"] == expected
+        assert request.headers["authorization"] == "Bearer t0ken"
+        assert request.headers["x-team"] == "data"
     tampered = receiver.requests[0]
     with pytest.raises(standardwebhooks.WebhookVerificationError):
         verifier.verify(tampered.body + b" ", tampered.headers)

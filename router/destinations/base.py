@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from router.config import Secret
 from router.errors import ConfigError
 from router.retry import AttemptResult
 
@@ -86,8 +87,14 @@ class BuildContext:
 
 
 def _reveal(value: Any) -> Any:
-    reveal = getattr(value, "reveal", None)
-    return reveal() if callable(reveal) else value
+    """Secrets revealed at any depth (``headers = { Authorization = "env:AUTH" }``)."""
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, dict):
+        return {key: _reveal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_reveal(item) for item in value]
+    return value
 
 
 def delivered() -> AttemptResult:
