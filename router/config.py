@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -26,6 +27,8 @@ import msgspec
 from router.errors import ConfigError
 from router.retry import RetryPolicy
 from router.units import parse_duration, parse_size
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Secret:
@@ -74,6 +77,25 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return parse_address(self.http) if self.http else None
 
 
+class HttpConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The Segment-compatible HTTP API. Limits default to Segment's own."""
+
+    # Unknown or missing write key: 401 when strict; otherwise Segment's answer (200, dropped,
+    # counted), so clients configured with a stale key do not retry forever.
+    strict_auth: bool = False
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 500 * 1024
+    max_batch_events: Annotated[int, msgspec.Meta(ge=1)] = 2500
+    # Peers whose X-Forwarded-For is believed when filling context.ip (addresses or CIDRs).
+    trusted_proxies: tuple[str, ...] = ()
+    # Origins browsers may post from; "*" allows any.
+    cors_origins: tuple[str, ...] = ("*",)
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+
 class QueueConfig(msgspec.Struct, frozen=True, kw_only=True):
     synchronous: Literal["full", "normal"] = "full"
     retention: float = 7 * 86400.0
@@ -110,6 +132,7 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     file: str
     server: ServerConfig
+    http: HttpConfig
     queue: QueueConfig
     sources: dict[str, SourceConfig]
     destinations: dict[str, DestinationConfig]
@@ -137,6 +160,10 @@ _Unit = tuple[Callable[[str], float], str]
 _DURATION: _Unit = (parse_duration, "a duration like '10s'")
 _UNITS: dict[str, dict[str, _Unit]] = {  # TOML writes these as strings; the Structs hold numbers
     "server": {"shutdown_grace": _DURATION, "socket_mode": (_parse_mode, "a mode like '0660'")},
+    "http": {
+        "max_event_bytes": (parse_size, "a size like '32KiB'"),
+        "max_request_bytes": (parse_size, "a size like '500KiB'"),
+    },
     "queue": {
         "retention": _DURATION,
         "dedupe_window": _DURATION,
@@ -145,7 +172,7 @@ _UNITS: dict[str, dict[str, _Unit]] = {  # TOML writes these as strings; the Str
     "destination": {"batch_wait": _DURATION, "timeout": _DURATION},
     "retry": dict.fromkeys(("max_age", "initial", "max_backoff", "max_retry_after"), _DURATION),
 }
-_SECTIONS = ("server", "queue", "sources", "destinations", "routes")
+_SECTIONS = ("server", "http", "queue", "sources", "destinations", "routes")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -229,6 +256,12 @@ class _Builder:
                 parse_address(server.http)
             except ValueError as exc:
                 raise self.error("server.http", str(exc)) from exc
+        http = self.convert(self.units(self.table(data, "http"), "http"), HttpConfig, "http")
+        for index, proxy in enumerate(http.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError as exc:
+                raise self.error(f"http.trusted_proxies[{index}]", str(exc)) from exc
         queue_table = self.table(data, "queue")
         if queue_table.get("synchronous", "full") not in ("full", "normal"):
             raise self.error("queue.synchronous", "expected 'full' or 'normal'")
@@ -248,6 +281,7 @@ class _Builder:
         return Config(
             file=self.locator.file,
             server=server,
+            http=http,
             queue=queue,
             sources=sources,
             destinations=destinations,
