@@ -460,12 +460,7 @@ class Reader:
         return await trio.to_thread.run_sync(self._events_after, seq, limit)
 
     def _events_after(self, seq: int, limit: int) -> list[LoggedEvent]:
-        rows = self._conn.execute(
-            "SELECT seq, source, message_id, received_at, body FROM events "
-            "WHERE seq > ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        )
-        return [LoggedEvent(*row) for row in rows]
+        return _events_after(self._conn, seq, limit)
 
     async def due_retries(
         self, destination: str, now: float, limit: int, skip: frozenset[int]
@@ -534,8 +529,20 @@ class Inspector:
     def event_count(self) -> int:
         return _scalar(self._conn, "SELECT count(*) FROM events")
 
+    def events_after(self, seq: int, limit: int = 1000) -> list[LoggedEvent]:
+        return _events_after(self._conn, seq, limit)
+
     def close(self) -> None:
         self._conn.close()
+
+
+def _events_after(conn: apsw.Connection, seq: int, limit: int) -> list[LoggedEvent]:
+    rows = conn.execute(
+        "SELECT seq, source, message_id, received_at, body FROM events "
+        "WHERE seq > ? ORDER BY seq LIMIT ?",
+        (seq, limit),
+    )
+    return [LoggedEvent(*row) for row in rows]
 
 
 def _scalar(conn: apsw.Connection, sql: str, args: tuple[object, ...] = ()) -> int:
