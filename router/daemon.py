@@ -25,7 +25,8 @@ from router.destinations import build, discover
 from router.destinations.base import BuildContext, Destination
 from router.dispatch import Dispatcher, DispatchSettings
 from router.errors import RouterError
-from router.ingress.http import HttpServer, Request, Response
+from router.ingress.http import HttpLimits, HttpServer, Request, Response
+from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
 
@@ -89,6 +90,7 @@ def data_dir_lock(config: Config) -> Iterator[None]:
 class Daemon:
     config: Config
     ready: bool = False
+    segment: SegmentApi | None = None
     dispatchers: list[Dispatcher] = field(default_factory=list)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -174,12 +176,16 @@ class Daemon:
         address = config.server.http_address
         if address is None:
             return None
-        http = HttpServer(self._handle_http)
+        self.segment = SegmentApi(config.http, list(config.sources.values()), journal)
+        limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
+        http = HttpServer(self._handle_http, limits=limits)
         port = await nursery.start(http.serve, address[0], address[1])
         log.info("listening http=%s:%s", address[0], port)
         return http
 
     async def _handle_http(self, request: Request) -> Response:
+        if is_segment_path(request.path) and self.segment is not None:
+            return await self.segment.handle(request)
         if request.path == "/health":
             return _json(200, {"status": "ok"})
         if request.path == "/ready":

@@ -111,7 +111,7 @@ def free_port() -> int:
 class Daemon:
     """``router run`` as a subprocess on an ephemeral port, in its own data directory."""
 
-    def __init__(self, tmp_path: Path, config_body: str) -> None:
+    def __init__(self, tmp_path: Path, config_body: str, *, queue: str = "") -> None:
         self.dir = tmp_path
         self.port = free_port()
         self.data_dir = tmp_path / "data"
@@ -129,7 +129,9 @@ class Daemon:
             synchronous = "full"
             """
         )
-        self.config_path.write_text(header + textwrap.dedent(config_body))
+        # ``queue``: more [queue] keys, one per line (TOML allows one [queue] table per file).
+        body = textwrap.dedent(queue) + "\n" + textwrap.dedent(config_body)
+        self.config_path.write_text(header + body)
         self.stdout_path = tmp_path / "stdout.log"
         self.stderr_path = tmp_path / "stderr.log"
         self.process: subprocess.Popen[bytes] | None = None
