@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from router.config import (
     Config,
     DestinationConfig,
+    HttpConfig,
     KeyLocator,
     QueueConfig,
     RouteConfig,
@@ -389,6 +390,31 @@ ERRORS = [
         " or '[::1]:port'",
         id="http-v6-without-brackets",
     ),
+    pytest.param(
+        """
+        [http]
+        trusted_proxies = ["10.0.0.0/8", "proxy.local"]
+        """,
+        "router.toml:2: http.trusted_proxies[1]: 'proxy.local' does not appear to be an IPv4"
+        " or IPv6 network",
+        id="trusted-proxy-not-an-address",
+    ),
+    pytest.param(
+        """
+        [http]
+        max_event_bytes = 32768
+        """,
+        "router.toml:2: http.max_event_bytes: expected a size like '32KiB', got integer",
+        id="size-without-unit",
+    ),
+    pytest.param(
+        """
+        [http]
+        strict = true
+        """,
+        "router.toml:2: http.strict: unknown key (did you mean 'strict_auth'?)",
+        id="http-unknown-key",
+    ),
 ]
 
 
@@ -473,7 +499,10 @@ def test_default_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert config.server.http_address == ("127.0.0.1", 8088)
     assert config.server.data_dir == tmp_path / "router-data"
     assert config.server.socket_path == tmp_path / "router-data" / "router.sock"
-    assert config.sources == {"local": SourceConfig(name="local", socket=True, raw=True)}
+    assert config.sources == {
+        "local": SourceConfig(name="local", socket=True, raw=True),
+        "dev": SourceConfig(name="dev", write_key=Secret("dev")),
+    }
     assert config.socket_source == "local"
     assert list(config.destinations) == ["stdout"]
     assert config.destinations["stdout"].type == "stdout"
@@ -502,7 +531,15 @@ def test_reference_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "struct",
-    [ServerConfig, QueueConfig, SourceConfig, DestinationConfig, RouteConfig, RetryPolicy],
+    [
+        ServerConfig,
+        HttpConfig,
+        QueueConfig,
+        SourceConfig,
+        DestinationConfig,
+        RouteConfig,
+        RetryPolicy,
+    ],
 )
 def test_reference_config_shows_every_key(struct: type[msgspec.Struct]) -> None:
     text = REFERENCE.read_text()
@@ -523,6 +560,7 @@ def test_reference_config_defaults_match_the_code(tmp_path: Path) -> None:
     ]
     config = parse_config("\n".join(uncommented), base_dir=tmp_path)
     assert config.server == parse_config("", base_dir=tmp_path).server
+    assert config.http == HttpConfig()
     assert config.queue == QueueConfig()
 
 
@@ -530,6 +568,8 @@ def test_reference_config_defaults_match_the_code(tmp_path: Path) -> None:
     ("section", "key", "text", "field", "value"),
     [
         ("queue", "retention", '"2w"', "retention", 14 * 86400.0),
+        ("http", "max_request_bytes", '"4MiB"', "max_request_bytes", 4 * 1024**2),
+        ("http", "max_event_bytes", '"64KB"', "max_event_bytes", 64_000),
         ("queue", "dedupe_window", '"90m"', "dedupe_window", 5400.0),
         ("queue", "max_bytes", '"512KiB"', "max_bytes", 512 * 1024),
         ("queue", "max_bytes", '"1GB"', "max_bytes", 10**9),
