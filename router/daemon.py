@@ -74,13 +74,15 @@ def data_dir_lock(config: Config) -> Iterator[None]:
     """One daemon per data directory: two writers would break every guarantee."""
     data_dir = config.server.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "router.lock", "w") as handle:
+    # "a": opening must not truncate, or a refused second start would erase the holder's pid.
+    with open(data_dir / "router.lock", "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise RouterError(
                 f"another router is running on {data_dir} (it holds {data_dir}/router.lock)"
             ) from exc
+        handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield

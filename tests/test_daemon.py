@@ -374,3 +374,12 @@ def test_sigterm_lets_deliveries_finish_and_exits_0(tmp_path, daemons):
         assert counters.delivered == 1
     finally:
         receiver.close()
+
+
+def test_a_second_router_on_the_same_data_directory_is_refused(tmp_path, receiver, daemons):
+    first = start(daemons, tmp_path, webhook_config(receiver.url))
+    second = Daemon(tmp_path, webhook_config(receiver.url))
+    with pytest.raises(RuntimeError, match="another router is running"):
+        second.start()
+    assert (first.data_dir / "router.lock").read_text().strip() == str(first.process.pid)
+    assert first.ready()
