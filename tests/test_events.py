@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from router.errors import IngestError
-from router.events import decode_json, normalize, split_envelope
+from router.events import decode_json, new_message_id, normalize, split_envelope
 
 # 2027-01-15T08:00:00Z
 RECEIVED = 1_800_000_000.0
@@ -270,3 +270,11 @@ def test_skew_correction_keeps_the_gap_between_event_and_send(offset: int, lag: 
 def _iso(ms: int) -> str:
     moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def test_minted_message_ids_are_distinct_version_4_uuids():
+    ids = [new_message_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:100]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
