@@ -1,19 +1,17 @@
 """TOML configuration -> typed, validated ``Config``, with every error located by file:line.
 
 Owns: the config schema (msgspec Structs), units and secret resolution (``env:NAME``,
-``file:/path``), cross-references (routes name real sources and destinations), and
-``KeyLocator``, a line scanner that maps key paths such as ``routes[1].to`` back to lines
-(tomllib gives no positions). Must not: open sockets or databases, import trio, or judge
-destination *types* and their options (the destination registry does, via ``config_error``).
-Reading the config file, secret files and the environment is the only I/O here.
+``file:/path``), cross-references (routes name real sources and destinations), and errors
+located by ``router.keypaths.KeyLocator`` (tomllib gives no positions). Must not: open sockets
+or databases, import trio, or judge destination *types* and their options (the destination
+registry does, via ``config_error``). Reading the config file, secret files and the
+environment is the only I/O here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import ipaddress
-import json
 import os
 import re
 import tomllib
@@ -25,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from router.errors import ConfigError
+from router.keypaths import KeyLocator, join_key
 from router.retry import RetryPolicy
 from router.units import parse_duration, parse_size
 
@@ -173,7 +172,6 @@ _UNITS: dict[str, dict[str, _Unit]] = {  # TOML writes these as strings; the Str
     "retry": dict.fromkeys(("max_age", "initial", "max_backoff", "max_retry_after"), _DURATION),
 }
 _SECTIONS = ("server", "http", "queue", "sources", "destinations", "routes")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def load_config(path: str | Path) -> Config:
@@ -220,12 +218,6 @@ def parse_address(text: str) -> tuple[str, int]:
     if not match or port > 65535:
         raise ValueError(f"invalid address {text!r}: expected 'host:port' or '[::1]:port'")
     return match.group(1) or match.group(3), port
-
-
-def _join(prefix: str, key: str) -> str:
-    """A key path segment, quoted like TOML when it is not a bare key so paths stay unambiguous."""
-    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
-    return f"{prefix}.{part}" if prefix else part
 
 
 _T = TypeVar("_T")
@@ -292,7 +284,7 @@ class _Builder:
     def table(self, parent: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
         value = parent.get(key, {})
         if not isinstance(value, dict):
-            raise self.error(_join(prefix, key), f"expected a table, got {_toml_type(value)}")
+            raise self.error(join_key(prefix, key), f"expected a table, got {_toml_type(value)}")
         return value
 
     def check_keys(
@@ -303,7 +295,7 @@ class _Builder:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.error(_join(prefix, key), f"unknown {what}{hint}")
+                raise self.error(join_key(prefix, key), f"unknown {what}{hint}")
 
     def convert(self, table: dict[str, Any], cls: type[_T], prefix: str, **extra: Any) -> _T:
         """``table`` as a ``cls``, plus ``extra`` fields that the TOML does not spell."""
@@ -335,11 +327,11 @@ class _Builder:
             if value is None or (key == "socket_mode" and type(value) is int):
                 continue
             if not isinstance(value, str):
-                raise self.error(_join(prefix, key), f"expected {unit}, got {_toml_type(value)}")
+                raise self.error(join_key(prefix, key), f"expected {unit}, got {_toml_type(value)}")
             try:
                 out[key] = parse(value)
             except ValueError as exc:
-                raise self.error(_join(prefix, key), str(exc)) from exc
+                raise self.error(join_key(prefix, key), str(exc)) from exc
         return out
 
     def secret(self, value: str, key: str) -> Secret:
@@ -362,9 +354,9 @@ class _Builder:
         return Secret(resolved)
 
     def source(self, name: str, table: dict[str, Any]) -> SourceConfig:
-        prefix = _join("sources", name)
+        prefix = join_key("sources", name)
         if isinstance(table.get("write_key"), str):
-            key = self.secret(table["write_key"], _join(prefix, "write_key"))
+            key = self.secret(table["write_key"], join_key(prefix, "write_key"))
             table = {**table, "write_key": key}
         return self.convert(table, SourceConfig, prefix, name=name)
 
@@ -372,16 +364,16 @@ class _Builder:
         socket_owner: str | None = None
         key_owner: dict[str, str] = {}
         for name, source in sources.items():
-            prefix = _join("sources", name)
+            prefix = join_key("sources", name)
             if source.socket and socket_owner is not None:
                 message = f"only one source can take the socket; {socket_owner!r} already does"
-                raise self.error(_join(prefix, "socket"), message)
+                raise self.error(join_key(prefix, "socket"), message)
             socket_owner = name if source.socket else socket_owner
             if source.write_key is not None:
                 other = key_owner.setdefault(source.write_key.reveal(), name)
                 if other != name:
                     raise self.error(
-                        _join(prefix, "write_key"), f"write key already used by source {other!r}"
+                        join_key(prefix, "write_key"), f"write key already used by source {other!r}"
                     )
         if socket_owner is None and server.socket:
             if "socket" in sources:
@@ -391,30 +383,30 @@ class _Builder:
             sources["socket"] = SourceConfig(name="socket", socket=True)
 
     def destination(self, name: str, table: dict[str, Any]) -> DestinationConfig:
-        prefix = _join("destinations", name)
+        prefix = join_key("destinations", name)
         if "type" not in table:
             raise self.error(prefix, "missing required key 'type'")
         if table["type"] == "":
-            raise self.error(_join(prefix, "type"), "must not be empty")
+            raise self.error(join_key(prefix, "type"), "must not be empty")
         known = {"type", "batch_size", "batch_wait", "concurrency", "timeout", "retry"}
         options = {k: self.option(k, v, prefix) for k, v in table.items() if k not in known}
         fields = self.units({k: v for k, v in table.items() if k in known}, "destination", prefix)
         if "retry" in fields:
             retry = self.table(fields, "retry", prefix)
-            fields["retry"] = self.units(retry, "retry", _join(prefix, "retry"))
-            self.check_keys(retry, RetryPolicy.__struct_fields__, _join(prefix, "retry"), "key")
+            fields["retry"] = self.units(retry, "retry", join_key(prefix, "retry"))
+            self.check_keys(retry, RetryPolicy.__struct_fields__, join_key(prefix, "retry"), "key")
         built = self.convert(fields, DestinationConfig, prefix, name=name)
         line = self.locator.line_of(prefix) or 0
         return msgspec.structs.replace(built, options=options, line=line)
 
     def option(self, key: str, value: Any, prefix: str) -> Any:
-        path = _join(prefix, key)
+        path = join_key(prefix, key)
         if key in _SECRET_KEYS and isinstance(value, str):
             return self.secret(value, path)
         if key in _REFERENCE_KEYS:
             return self.reference(value, path)
         if key == "headers" and isinstance(value, dict):
-            return {k: self.reference(v, _join(path, k)) for k, v in value.items()}
+            return {k: self.reference(v, join_key(path, k)) for k, v in value.items()}
         return value
 
     def reference(self, value: Any, path: str) -> Any:
@@ -476,113 +468,3 @@ _TYPE_NAMES = {
 
 def _toml_type(value: object) -> str:
     return _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
-
-
-class KeyLocator:
-    """Maps key paths (``destinations.hook.retry``, ``routes[1].to``) to the lines that set them.
-
-    A line scanner, not a parser: tomllib has already accepted the text, so it only has to
-    follow table headers, count ``[[array]]`` entries and skip multi-line values. Keys inside
-    inline tables and arrays fall back to the line of the key that holds them.
-    """
-
-    def __init__(self, text: str, *, file: str = "router.toml") -> None:
-        self.file = file
-        self._lines: dict[str, int] = {}
-        self._arrays: dict[str, int] = {}  # array-of-tables path -> index of its last entry
-        table = ""
-        pending: tuple[str | None, int] = (None, 0)  # an open multi-line string, bracket depth
-        for number, line in enumerate(text.splitlines(), start=1):
-            if pending != (None, 0):
-                pending = _scan_value(line, *pending)
-                continue
-            stripped = line.lstrip()
-            if stripped.startswith("["):
-                is_array = stripped.startswith("[[")
-                parsed = _parse_key(stripped, 2 if is_array else 1)
-                if parsed:
-                    table = self._header(parsed[0], is_array, number)
-                continue
-            parsed = _parse_key(stripped, 0)
-            if parsed and stripped[parsed[1] : parsed[1] + 1] == "=":
-                path = table
-                for part in parsed[0]:
-                    path = _join(path, part)
-                    self._lines.setdefault(path, number)
-                pending = _scan_value(stripped[parsed[1] + 1 :], None, 0)
-
-    def line_of(self, key_path: str) -> int | None:
-        """The line of ``key_path``, else of the nearest enclosing key or table that was written."""
-        path = key_path
-        while path:
-            if path in self._lines:
-                return self._lines[path]
-            path = _parent(path)
-        return None
-
-    def _header(self, parts: list[str], is_array: bool, line: int) -> str:
-        path = ""
-        for i, part in enumerate(parts):
-            path = _join(path, part)
-            if is_array and i == len(parts) - 1:
-                self._arrays[path] = self._arrays.get(path, -1) + 1
-            self._lines.setdefault(path, line)  # implicit parents: first mention
-            if path in self._arrays:
-                path += f"[{self._arrays[path]}]"
-        self._lines[path] = line  # an explicit header wins over an earlier implicit mention
-        return path
-
-
-_KEY_PART = re.compile(r'[ \t]*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|\'([^\']*)\')[ \t]*')
-_BASIC = re.compile(r'"(?:[^"\\]|\\.)*"?')
-_LITERAL = re.compile(r"'[^']*'?")
-_PARENT = re.compile(r'(?:\[\d+\]|\.?(?:"(?:[^"\\]|\\.)*"|[^."\[\]]+))$')
-
-
-def _parse_key(text: str, start: int) -> tuple[list[str], int] | None:
-    """A dotted key at ``text[start:]``: its parts and the index just after it."""
-    parts, pos = [], start
-    while match := _KEY_PART.match(text, pos):
-        bare, basic, literal = match.groups()
-        if basic is not None:
-            # A TOML-only escape such as \U0001F600 fails; the raw text is close enough.
-            with contextlib.suppress(ValueError):
-                basic = json.loads(f'"{basic}"')
-        parts.append(bare if bare is not None else basic if basic is not None else literal)
-        pos = match.end()
-        if text[pos : pos + 1] != ".":
-            return parts, pos
-        pos += 1
-    return None
-
-
-def _parent(path: str) -> str:
-    match = _PARENT.search(path)
-    return path[: match.start()] if match else ""
-
-
-def _scan_value(text: str, quote: str | None, depth: int) -> tuple[str | None, int]:
-    """Follow a value through one line: returns the open multi-line quote and bracket depth."""
-    i = 0
-    while i < len(text):
-        if quote:
-            if quote == '"""' and text[i] == "\\":
-                i += 2
-            elif text.startswith(quote, i):
-                i, quote = i + 3, None
-            else:
-                i += 1
-            continue
-        char = text[i]
-        if char == "#":
-            break
-        if text.startswith(('"""', "'''"), i):
-            quote, i = text[i : i + 3], i + 3
-            continue
-        if char in "\"'":
-            match = (_BASIC if char == '"' else _LITERAL).match(text, i)
-            i = match.end() if match else len(text)
-            continue
-        depth += (char in "[{") - (char in "]}")
-        i += 1
-    return quote, depth

@@ -18,7 +18,6 @@ from router.config import (
     Config,
     DestinationConfig,
     HttpConfig,
-    KeyLocator,
     QueueConfig,
     RouteConfig,
     Secret,
@@ -30,6 +29,7 @@ from router.config import (
     parse_config,
 )
 from router.errors import ConfigError
+from router.keypaths import KeyLocator
 from router.retry import RetryPolicy
 
 REPO = Path(__file__).resolve().parent.parent
