@@ -180,7 +180,9 @@ class Daemon:
             return None
         self.segment = SegmentApi(config.http, list(config.sources.values()), journal)
         limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
-        http = HttpServer(self._handle_http, limits=limits)
+        http = HttpServer(
+            self._handle_http, limits=limits, error_headers=self.segment.error_headers
+        )
         port = await nursery.start(http.serve, address[0], address[1])
         log.info("listening http=%s:%s", address[0], port)
         return http

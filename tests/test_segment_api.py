@@ -433,3 +433,18 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers_nothing_half_wri
     assert set(answers[:-1]) == {200}
     # Every acked batch is stored whole; the refused one not at all.
     assert len(strict.new_events()) == 50 * (len(answers) - 1)
+
+
+def test_errors_the_http_layer_answers_carry_cors_headers(api: Api):
+    """A browser sees a 413 for an oversized body (and stops retrying) only with CORS."""
+    response = api.post("/v1/t", b"x" * 600_000, headers={"origin": "http://app.test"})
+    assert response.status_code == 413
+    assert response.headers["access-control-allow-origin"] == "http://app.test"
+    assert api.new_events() == []
+
+
+def test_analytics_js_metrics_are_taken_and_discarded(api: Api):
+    response = api.post("/v1/m", {"series": []}, key=None, headers={"origin": "http://app.test"})
+    assert (response.status_code, response.json()) == (200, {"success": True})
+    assert response.headers["access-control-allow-origin"] == "http://app.test"
+    assert api.new_events() == []

@@ -64,6 +64,9 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Extra headers for an error the server answers itself (413, 431, 408...), given the headers of
+# the request so far: browsers can read no answer without its CORS headers.
+ErrorHeaders = Callable[[dict[str, str]], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,11 @@ class _Protocol:
             # from ever firing on a head within the limit that merely shares a read with others.
             if self._raw_head_bytes > self._limits.max_header_bytes + _RECV_SIZE:
                 self.error = self._head_too_large()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the request being read (complete or not)."""
+        return self._headers
 
     def take_ready(self) -> list[_Parsed]:
         ready, self.ready = self.ready, []
@@ -365,6 +373,8 @@ class _Connection:
         """Answer an error and close; may run after ``scope`` was cancelled, so it bounds itself."""
         logger.debug("http request refused status=%d client=%s", error.status, self._client)
         reply = json_error(error.status, error.code, error.message, retry_after=error.retry_after)
+        if self._server.error_headers is not None:
+            reply.headers.extend(self._server.error_headers(self._proto.headers))
         with trio.move_on_after(_LINGER):
             view = memoryview(_render(reply, keep_alive=False, http10=False, head=False))
             while view:
@@ -385,9 +395,16 @@ class HttpServer:
     ``await server.shutdown(grace=10)``.
     """
 
-    def __init__(self, handler: Handler, *, limits: HttpLimits = HttpLimits()) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: HttpLimits = HttpLimits(),
+        error_headers: ErrorHeaders | None = None,
+    ) -> None:
         self.handler = handler
         self.limits = limits
+        self.error_headers = error_headers
         self.closing = False
         self._connections: set[_Connection] = set()
         self._rejecting = 0

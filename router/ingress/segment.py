@@ -37,12 +37,15 @@ SINGLE_PATHS = {
     **{f"/v1/{kind[0]}": kind for kind in EVENT_TYPES},
 }
 BATCH_PATHS = frozenset({"/v1/batch", "/v1/import", "/v1/b"})
+# analytics.js posts its own usage metrics here when apiHost is set; taken and discarded, so
+# pages using router log no errors (Segment collects them; we have no use for them).
+METRICS_PATH = "/v1/m"
 CORS_HEADERS = "Authorization, Content-Type, X-Retry-Count"
 SUCCESS = b'{"success":true}'
 
 
 def is_segment_path(path: str) -> bool:
-    return path in SINGLE_PATHS or path in BATCH_PATHS
+    return path in SINGLE_PATHS or path in BATCH_PATHS or path == METRICS_PATH
 
 
 # -- pure parts ----------------------------------------------------------------
@@ -231,12 +234,18 @@ class SegmentApi:
         allowed = self.limits.cors_origins
         if request.method == "OPTIONS":
             return preflight(origin, allowed)
+        if request.path == METRICS_PATH:
+            return Response(200, SUCCESS, cors_headers(origin, allowed))
         try:
             response = await self._ingest(request)
         except IngestError as exc:
             response = json_error(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
         response.headers.extend(cors_headers(origin, allowed))
         return response
+
+    def error_headers(self, headers: dict[str, str]) -> list[tuple[str, str]]:
+        """CORS headers for errors the HTTP server answers before a request reaches us."""
+        return cors_headers(headers.get("origin"), self.limits.cors_origins)
 
     async def _ingest(self, request: Request) -> Response:
         if request.method != "POST":
