@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from router import fql
 from router.errors import ConfigError
 from router.keypaths import KeyLocator, join_key
 from router.retry import RetryPolicy
@@ -109,6 +110,49 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     raw: bool = False  # accept plain JSON objects that are not Segment calls
 
 
+class SampleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    percent: Annotated[float, msgspec.Meta(ge=0, le=100)]
+    by: str = "messageId"  # the path whose value decides, so a user is kept or not as a whole
+
+
+class FilterConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One destination filter (Segment's): a condition and one action."""
+
+    condition: str | None = msgspec.field(default=None, name="if")  # FQL; None: every event
+    drop: bool = False
+    sample: SampleConfig | None = None
+    drop_properties: tuple[str, ...] = ()
+    allow_properties: tuple[str, ...] = ()
+    line: int = 0
+
+    @property
+    def actions(self) -> list[str]:
+        named = {
+            "drop": self.drop,
+            "sample": self.sample is not None,
+            "drop_properties": bool(self.drop_properties),
+            "allow_properties": bool(self.allow_properties),
+        }
+        return [name for name, present in named.items() if present]
+
+
+class TransformConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Field edits at delivery, then an optional Python function (like Segment Functions)."""
+
+    set: dict[str, Any] = {}  # dotted path -> value
+    rename: dict[str, str] = {}  # dotted path -> dotted path
+    remove: tuple[str, ...] = ()
+    function: str | None = None  # a name from TRANSFORMS in plugin_dirs or router.transforms
+
+
+class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """PII controls, applied last so nothing before them can put a field back."""
+
+    drop: tuple[str, ...] = ()  # dotted paths, or globs over them ("*.email")
+    hash: tuple[str, ...] = ()  # the same, replaced by salted SHA-256
+    salt: Secret | None = None
+
+
 class DestinationConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     type: str
@@ -117,6 +161,9 @@ class DestinationConfig(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     timeout: float = 10.0
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    filters: tuple[FilterConfig, ...] = ()
+    transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     options: dict[str, Any] = {}  # every other key, for the destination plugin to judge
     line: int = 0
 
@@ -388,16 +435,59 @@ class _Builder:
             raise self.error(prefix, "missing required key 'type'")
         if table["type"] == "":
             raise self.error(join_key(prefix, "type"), "must not be empty")
-        known = {"type", "batch_size", "batch_wait", "concurrency", "timeout", "retry"}
+        known = {
+            "type",
+            "batch_size",
+            "batch_wait",
+            "concurrency",
+            "timeout",
+            "retry",
+            "filters",
+            "transform",
+            "privacy",
+        }
         options = {k: self.option(k, v, prefix) for k, v in table.items() if k not in known}
         fields = self.units({k: v for k, v in table.items() if k in known}, "destination", prefix)
         if "retry" in fields:
             retry = self.table(fields, "retry", prefix)
             fields["retry"] = self.units(retry, "retry", join_key(prefix, "retry"))
             self.check_keys(retry, RetryPolicy.__struct_fields__, join_key(prefix, "retry"), "key")
+        privacy = fields.get("privacy")
+        if isinstance(privacy, dict) and isinstance(privacy.get("salt"), str):
+            salt = self.secret(privacy["salt"], join_key(prefix, "privacy.salt"))
+            fields["privacy"] = {**privacy, "salt": salt}
         built = self.convert(fields, DestinationConfig, prefix, name=name)
+        filters = tuple(
+            self.filter(f"{prefix}.filters[{index}]", spec)
+            for index, spec in enumerate(built.filters)
+        )
+        if built.privacy.hash and built.privacy.salt is None:
+            raise self.error(
+                join_key(prefix, "privacy.salt"),
+                'hashing needs a salt (e.g. salt = "env:PII_SALT"): unsalted hashes of '
+                "emails or phone numbers are reversed by a dictionary",
+            )
         line = self.locator.line_of(prefix) or 0
-        return msgspec.structs.replace(built, options=options, line=line)
+        return msgspec.structs.replace(built, options=options, filters=filters, line=line)
+
+    def filter(self, path: str, spec: FilterConfig) -> FilterConfig:
+        actions = spec.actions
+        if len(actions) != 1:
+            found = ", ".join(actions) or "none"
+            raise self.error(
+                path,
+                "a filter takes exactly one action of drop, sample, drop_properties, "
+                f"allow_properties (found: {found})",
+            )
+        if spec.condition is not None:
+            self.fql(f"{path}.if", spec.condition)
+        return msgspec.structs.replace(spec, line=self.locator.line_of(path) or 0)
+
+    def fql(self, key: str, text: str) -> None:
+        try:
+            fql.parse(text)
+        except fql.FqlError as exc:
+            raise self.error(key, f"invalid filter: {exc}") from exc
 
     def option(self, key: str, value: Any, prefix: str) -> Any:
         path = join_key(prefix, key)
@@ -438,12 +528,7 @@ class _Builder:
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise self.error(f"{prefix}.{key}", f"unknown {what} {name!r}{hint}")
         if route.when is not None:
-            # Fail closed: ignoring a filter would send events the user meant to keep out.
-            raise self.error(
-                f"{prefix}.when",
-                "filter expressions (Segment FQL) are not supported by this version yet; "
-                "remove 'when' to route every event of the route's sources",
-            )
+            self.fql(f"{prefix}.when", route.when)
         return msgspec.structs.replace(route, line=self.locator.line_of(prefix) or 0)
 
 

@@ -17,12 +17,16 @@ from hypothesis import strategies as st
 from router.config import (
     Config,
     DestinationConfig,
+    FilterConfig,
     HttpConfig,
+    PrivacyConfig,
     QueueConfig,
     RouteConfig,
+    SampleConfig,
     Secret,
     ServerConfig,
     SourceConfig,
+    TransformConfig,
     config_error,
     default_config,
     load_config,
@@ -511,6 +515,7 @@ def test_default_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 
 def test_reference_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORDERS_HOOK_SECRET", "whsec_abc")
+    monkeypatch.setenv("PII_SALT", "pepper")
     config = load_config(REFERENCE)
     assert config.server.data_dir == REFERENCE.parent / "router-data"
     assert set(config.sources) == {"web", "local"}
@@ -521,6 +526,14 @@ def test_reference_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hook.options["secret"].reveal() == "whsec_abc"
     assert hook.options["url"] == "https://hooks.example.com/orders"
     assert hook.retry == RetryPolicy()  # the file claims it shows the defaults
+    assert [f.actions for f in hook.filters] == [
+        ["drop"],
+        ["sample"],
+        ["drop_properties"],
+        ["allow_properties"],
+    ]
+    assert hook.privacy.salt == Secret("pepper")
+    assert config.routes[0].when == "type = 'track' and event = 'Order Completed'"
     assert config.destinations["archive"].options == {"path": "archive/{source}/{date}.jsonl"}
     assert config.destinations["console"].type == "stdout"
     assert [(r.sources, r.to) for r in config.routes] == [
@@ -533,6 +546,10 @@ def test_reference_config(monkeypatch: pytest.MonkeyPatch) -> None:
     "struct",
     [
         ServerConfig,
+        FilterConfig,
+        SampleConfig,
+        TransformConfig,
+        PrivacyConfig,
         HttpConfig,
         QueueConfig,
         SourceConfig,
@@ -543,7 +560,8 @@ def test_reference_config(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_reference_config_shows_every_key(struct: type[msgspec.Struct]) -> None:
     text = REFERENCE.read_text()
-    not_keys = {"name", "line", "options"}
+    # filters, transform and privacy are tables of their own; their keys are checked below.
+    not_keys = {"name", "line", "options", "filters", "transform", "privacy"}
     for field in msgspec.structs.fields(struct):
         if field.encode_name not in not_keys:
             assert f"{field.encode_name} =" in text, field.encode_name
@@ -641,18 +659,13 @@ def test_routes() -> None:
     )
 
 
-def test_a_filter_is_refused_until_filters_are_supported() -> None:
-    # Fail closed: a route that silently ignored its filter would leak events.
+def test_a_route_condition_is_checked_and_located() -> None:
+    config = parse(HOOK + '\n[[routes]]\nto = "hook"\nwhen = "event = \'Signed Up\'"\n')
+    assert config.routes[0].when == "event = 'Signed Up'"
     with pytest.raises(ConfigError) as error:
-        parse(
-            HOOK
-            + """
-        [[routes]]
-        to = "hook"
-        when = "event = 'Signed Up'"
-        """
-        )
-    assert str(error.value).startswith("router.toml:6: routes[0].when: filter expressions")
+        parse(HOOK + '\n[[routes]]\nto = "hook"\nwhen = "event = "\n')
+    message = "router.toml:6: routes[0].when: invalid filter: column 9: expected a value after '='"
+    assert str(error.value) == message
 
 
 def test_route_may_name_the_implicit_socket_source() -> None:
