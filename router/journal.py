@@ -79,6 +79,19 @@ CREATE TABLE IF NOT EXISTS counters(
     dead_lettered INTEGER NOT NULL DEFAULT 0,
     filtered INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+-- Why events were held back or refused, by reason: ('destination', 'hook', 'sampled_out').
+CREATE TABLE IF NOT EXISTS tallies(
+    scope TEXT NOT NULL,
+    name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY(scope, name, reason)
+) WITHOUT ROWID;
+"""
+
+_TALLY = """
+INSERT INTO tallies VALUES (?, ?, ?, ?)
+ON CONFLICT DO UPDATE SET count = count + excluded.count
 """
 
 # Keep dedupe cheap: a duplicate is one that the same source sent with the same
@@ -143,6 +156,7 @@ class BatchRecord:
     retries: list[RetryRow] = field(default_factory=list)
     retries_done: list[int] = field(default_factory=list)
     dead: list[DeadRow] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)  # filtered events, by reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +458,10 @@ def _apply_record(conn: apsw.Connection, batch: BatchRecord) -> None:
         "delivered = delivered + ?, dead_lettered = dead_lettered + ? WHERE destination = ?",
         (batch.routed, batch.filtered, batch.delivered, len(batch.dead), name),
     )
+    if batch.held:
+        conn.executemany(
+            _TALLY, [("destination", name, reason, n) for reason, n in batch.held.items()]
+        )
     if batch.cursor is not None:
         conn.execute(
             "UPDATE cursors SET seq = max(seq, ?) WHERE destination = ?", (batch.cursor, name)
@@ -525,6 +543,12 @@ class Inspector:
             (destination,),
         )
         return [RetryRow(*row) for row in rows]
+
+    def tallies(self, scope: str, name: str) -> dict[str, int]:
+        rows = self._conn.execute(
+            "SELECT reason, count FROM tallies WHERE scope = ? AND name = ?", (scope, name)
+        )
+        return {str(reason): int(count) for reason, count in rows}
 
     def event_count(self) -> int:
         return _scalar(self._conn, "SELECT count(*) FROM events")
