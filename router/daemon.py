@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from router.ingress.http import HttpLimits, HttpServer, Request, Response
 from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
+from router.pipeline import pipelines
+from router.transforms import configured_transforms
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +55,6 @@ def _build_context(config: Config, dest: DestinationConfig) -> BuildContext:
         file=config.file,
         line=dest.line,
     )
-
-
-def route_filter(config: Config, destination: str) -> Callable[[str], bool] | None:
-    """Which sources reach ``destination`` by some route; None when no route does."""
-    sources: set[str] = set()
-    for route in config.routes:
-        if destination in route.to:
-            if route.sources is None:
-                return lambda _source: True
-            sources.update(route.sources)
-    if not sources:
-        return None
-    frozen = frozenset(sources)
-    return frozen.__contains__
 
 
 @contextmanager
@@ -150,9 +138,10 @@ class Daemon:
         cursors: dict[str, int],
         nursery: trio.Nursery,
     ) -> None:
+        routed = pipelines(self.config, configured_transforms(self.config))
         for name, destination in destinations.items():
-            accepts = route_filter(self.config, name)
-            if accepts is None:
+            pipeline = routed.get(name)
+            if pipeline is None:
                 log.warning("destination has no route destination=%s", name)
                 await destination.aclose()
                 continue
@@ -161,7 +150,7 @@ class Daemon:
                 destination,
                 journal,
                 cursor=cursors[name],
-                accepts=accepts,
+                pipeline=pipeline,
             )
             self.dispatchers.append(dispatcher)
             await nursery.start(dispatcher.run)

@@ -35,6 +35,7 @@ from router.journal import (
     Reader,
     RetryRow,
 )
+from router.pipeline import Held, Pipeline
 from router.retry import (
     AttemptResult,
     DeadLetter,
@@ -65,6 +66,10 @@ class DispatchSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+_Ready = tuple[LoggedEvent, bytes]  # an event and the payload the pipeline made of it
+_Outcome = tuple[LoggedEvent, AttemptResult]
+
+
 @dataclass(slots=True)
 class _Span:
     """A stretch of the log (after ``start``, up to ``end``) handled by one live batch."""
@@ -84,7 +89,7 @@ class Dispatcher:
         journal: Journal,
         *,
         cursor: int,
-        accepts: Callable[[str], bool],
+        pipeline: Pipeline,
         clock: Callable[[], float] = time.time,
         jitter: Jitter = full_jitter,
     ) -> None:
@@ -92,7 +97,7 @@ class Dispatcher:
         self._destination = destination
         self._journal = journal
         self._cursor = cursor
-        self._accepts = accepts
+        self._pipeline = pipeline
         self._clock = clock
         self._jitter = jitter
         self._slots = trio.Semaphore(settings.concurrency)
@@ -144,7 +149,7 @@ class Dispatcher:
     def _cut_spans(self, rows: list[LoggedEvent]) -> list[_Span]:
         """Split scanned rows into batches; each span reaches to its last row's seq, the
         last span to the end of the scan, so skipped rows are covered too."""
-        matched = [row for row in rows if self._accepts(row.source)]
+        matched = [row for row in rows if self._pipeline.takes_source(row.source)]
         size = self.settings.batch_size
         spans = [
             _Span(
@@ -160,11 +165,53 @@ class Dispatcher:
         record = BatchRecord(self.settings.name, routed=span.routed, filtered=span.filtered)
         if span.events:
             now = self._clock()
-            results = await self._attempt(span.events, attempt=1)
-            for row, result in zip(span.events, results, strict=True):
+            ready, failed = await self._prepare(span.events, record)
+            outcomes = failed + await self._attempt(ready, attempt=1)
+            for row, result in outcomes:
                 self._judge(record, row, result, attempts=1, first_attempt_at=now, history="[]")
         span.record = record
         await self._commit_finished_spans()
+
+    # -- what the destination receives -------------------------------------------
+
+    async def _prepare(
+        self, rows: Sequence[LoggedEvent], record: BatchRecord
+    ) -> tuple[list[_Ready], list[_Outcome]]:
+        """Run the pipeline: payloads to send, and events that failed in it. Held-back events
+        are counted in ``record``. A transform function runs on a worker thread under the
+        destination's timeout, so a function that hangs costs a retry, not the event loop."""
+        if self._pipeline.function is None:
+            prepared = [self._prepare_one(row) for row in rows]
+        else:
+            prepared = []
+            with trio.move_on_after(self.settings.timeout):
+                prepared = await trio.to_thread.run_sync(
+                    lambda: [self._prepare_one(row) for row in rows], abandon_on_cancel=True
+                )
+            if not prepared:
+                detail = f"transform timed out after {self.settings.timeout:g}s"
+                log.warning("transform timed out destination=%s", self.settings.name)
+                return [], [(row, AttemptResult(ok=False, detail=detail)) for row in rows]
+        ready: list[_Ready] = []
+        failed: list[_Outcome] = []
+        for row, outcome in zip(rows, prepared, strict=True):
+            if isinstance(outcome, bytes):
+                ready.append((row, outcome))
+            elif isinstance(outcome, Held):
+                record.filtered += 1
+                record.held[outcome.reason] = record.held.get(outcome.reason, 0) + 1
+            else:
+                failed.append((row, outcome))
+        return ready, failed
+
+    def _prepare_one(self, row: LoggedEvent) -> bytes | Held | AttemptResult:
+        try:
+            return self._pipeline.prepare(row.source, row.body)
+        # Containment: a transform function's bug dead-letters its own event, with the error,
+        # ready for `router dlq replay` once the function is fixed. Retrying cannot help.
+        except Exception as exc:  # noqa: BLE001
+            log.warning("transform raised destination=%s error=%r", self.settings.name, exc)
+            return AttemptResult(ok=False, retryable=False, detail=f"transform raised {exc!r}")
 
     async def _commit_finished_spans(self) -> None:
         """Commit the finished spans at the front, in log order, with the new cursor."""
@@ -208,10 +255,14 @@ class Dispatcher:
     async def _send_retries(self, due: list[PendingRetry]) -> None:
         record = BatchRecord(self.settings.name)
         try:
-            events = [p.event for p in due]
-            attempts = {p.event.seq: p.attempts + 1 for p in due}
-            results = await self._attempt(events, attempt=min(attempts.values()))
-            for pending, result in zip(due, results, strict=True):
+            by_seq = {p.event.seq: p for p in due}
+            ready, failed = await self._prepare([p.event for p in due], record)
+            outcomes = failed + await self._attempt(ready, attempt=min(p.attempts for p in due) + 1)
+            # Held back now (the config changed since): no longer pending here.
+            finished = {row.seq for row, _ in outcomes}
+            record.retries_done.extend(seq for seq in by_seq if seq not in finished)
+            for row, result in outcomes:
+                pending = by_seq[row.seq]
                 self._judge(
                     record,
                     pending.event,
@@ -232,10 +283,18 @@ class Dispatcher:
 
     # -- one attempt -----------------------------------------------------------
 
-    async def _attempt(self, rows: Sequence[LoggedEvent], *, attempt: int) -> list[AttemptResult]:
+    async def _attempt(self, ready: Sequence[_Ready], *, attempt: int) -> list[_Outcome]:
         """Send once; whatever happens comes back as one AttemptResult per event."""
+        if not ready:
+            return []
+        rows = [row for row, _ in ready]
+        results = await self._send(ready, attempt)
+        return list(zip(rows, results, strict=True))
+
+    async def _send(self, ready: Sequence[_Ready], attempt: int) -> list[AttemptResult]:
         batch = [
-            Delivery(r.seq, r.source, r.message_id, r.received_at, r.body, attempt) for r in rows
+            Delivery(r.seq, r.source, r.message_id, r.received_at, body, attempt)
+            for r, body in ready
         ]
         name = self.settings.name
         results: Sequence[AttemptResult] | None = None
@@ -327,3 +386,5 @@ def _merge(into: BatchRecord, part: BatchRecord) -> None:
     into.retries.extend(part.retries)
     into.retries_done.extend(part.retries_done)
     into.dead.extend(part.dead)
+    for reason, count in part.held.items():
+        into.held[reason] = into.held.get(reason, 0) + count

@@ -111,7 +111,9 @@ def free_port() -> int:
 class Daemon:
     """``router run`` as a subprocess on an ephemeral port, in its own data directory."""
 
-    def __init__(self, tmp_path: Path, config_body: str, *, queue: str = "") -> None:
+    def __init__(
+        self, tmp_path: Path, config_body: str, *, queue: str = "", server: str = ""
+    ) -> None:
         self.dir = tmp_path
         self.port = free_port()
         self.data_dir = tmp_path / "data"
@@ -124,6 +126,7 @@ class Daemon:
             http = "127.0.0.1:{self.port}"
             socket = "router.sock"
             shutdown_grace = "5s"
+            {server}
 
             [queue]
             synchronous = "full"

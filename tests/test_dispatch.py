@@ -16,6 +16,7 @@ from router.dispatch import Dispatcher, DispatchSettings
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import StoredEvent
 from router.journal import Inspector, Journal, open_journal
+from router.pipeline import Pipeline, Route
 from router.retry import RetryPolicy
 
 BASE_WALL_TIME = 1_800_000_000.0
@@ -78,7 +79,7 @@ async def run_dispatcher(
         destination,
         journal,
         cursor=cursors[name],
-        accepts=lambda _source: True,
+        pipeline=Pipeline(name, [Route(sources=None, when=None)]),
         clock=wall_clock,
         jitter=no_jitter,
     )
