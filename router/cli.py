@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +15,10 @@ from router.config import Config, default_config, load_config
 from router.daemon import Daemon, build_destinations
 from router.destinations.base import Destination
 from router.errors import RouterError
+from router.explain import explain, pick_source, stored_form
 from router.logs import setup_logging
+from router.pipeline import pipelines
+from router.transforms import configured_transforms
 
 app = typer.Typer(
     help="router: a self-hosted event router with a durable queue.",
@@ -69,6 +75,7 @@ def check(config: ConfigOption = None) -> None:
     try:
         loaded = _load(config)
         destinations = build_destinations(loaded)
+        pipelines(loaded, configured_transforms(loaded))
         trio.run(_close_all, list(destinations.values()))
     except RouterError as exc:
         raise _fail(exc) from exc
@@ -76,6 +83,55 @@ def check(config: ConfigOption = None) -> None:
         f"{loaded.file}: ok ({len(loaded.sources)} sources, "
         f"{len(loaded.destinations)} destinations, {len(loaded.routes)} routes)"
     )
+
+
+@app.command("route")
+def route_event(
+    event_file: Annotated[Path, typer.Argument(help="a JSON file holding one event; - for stdin")],
+    config: ConfigOption = None,
+    source: Annotated[str | None, typer.Option(help="the source it arrives from")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show what each destination would receive of one event, and why."""
+    try:
+        loaded = _load(config)
+        picked = pick_source(loaded, source)
+        text = sys.stdin.read() if str(event_file) == "-" else event_file.read_text()
+        try:
+            event = json.loads(text)
+        except ValueError as exc:
+            raise RouterError(f"{event_file}: not JSON: {exc}") from exc
+        stored = stored_form(loaded, picked, event, time.time())
+        outcomes = explain(loaded, picked, stored, configured_transforms(loaded))
+    except (RouterError, OSError) as exc:
+        raise _fail(exc if isinstance(exc, RouterError) else RouterError(str(exc))) from exc
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "source": picked,
+                    "destinations": {
+                        o.destination: {
+                            "delivered": o.delivered,
+                            "reason": o.reason,
+                            "steps": o.steps,
+                            "payload": o.payload,
+                        }
+                        for o in outcomes
+                    },
+                },
+                indent=2,
+            )
+        )
+        return
+    typer.echo(f"source {picked}: {stored.get('type', 'raw')} {stored.get('messageId', '')}")
+    for outcome in outcomes:
+        verdict = "delivered" if outcome.delivered else f"held back ({outcome.reason})"
+        typer.echo(f"\n{outcome.destination}: {verdict}")
+        for step in outcome.steps:
+            typer.echo(f"  {step}")
+        if outcome.payload is not None:
+            typer.echo(f"  payload: {json.dumps(outcome.payload)}")
 
 
 async def _close_all(destinations: list[Destination]) -> None:
