@@ -32,9 +32,8 @@ def pick_source(config: Config, wanted: str | None) -> str:
         if wanted not in config.sources:
             raise RouterError(f"unknown source {wanted!r} (known: {', '.join(config.sources)})")
         return wanted
-    if len(config.sources) == 1:
-        return next(iter(config.sources))
-    raise RouterError(f"name the event's source with --source ({', '.join(config.sources)})")
+    # The first source written in the file (the implicit socket source comes last).
+    return next(iter(config.sources))
 
 
 def stored_form(config: Config, source: str, event: Any, received_at: float) -> dict[str, Any]:
