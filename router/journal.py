@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,11 +287,19 @@ class Journal:
         while self._head <= seq:
             await self._head_changed.wait()
 
-    async def append(self, source: str, events: Sequence[StoredEvent], received_at: float) -> int:
+    async def append(
+        self,
+        source: str,
+        events: Sequence[StoredEvent],
+        received_at: float,
+        tallies: Mapping[str, int] | None = None,
+    ) -> int:
         """Commit ``events``; returns how many were new (the rest were duplicates).
 
-        Returns only after the commit, so the caller may ack. Shielded: a client that hangs
-        up mid-commit must not leave us unsure what was written.
+        The source's tallies (``accepted``, ``duplicate``, and the caller's ``tallies``, e.g.
+        events refused or blocked) commit in the same transaction. Returns only after the
+        commit, so the caller may ack. Shielded: a client that hangs up mid-commit must not
+        leave us unsure what was written.
         """
         since = received_at - self._dedupe_window
         rows = [(source, e.message_id, received_at, e.body, since) for e in events]
@@ -300,7 +308,12 @@ class Journal:
             self._refuse_if_full(conn)
             before = conn.total_changes()
             conn.executemany(_INSERT_UNLESS_DUPLICATE, rows)
-            return conn.total_changes() - before
+            stored = conn.total_changes() - before
+            counts = {**(tallies or {}), "accepted": stored, "duplicate": len(rows) - stored}
+            conn.executemany(
+                _TALLY, [("source", source, reason, n) for reason, n in counts.items() if n]
+            )
+            return stored
 
         stored: int = await self._submit(apply)
         return stored
