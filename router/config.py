@@ -108,6 +108,7 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     write_key: Secret | None = None
     socket: bool = False
     raw: bool = False  # accept plain JSON objects that are not Segment calls
+    plan: Path | None = None  # a tracking plan (JSON), relative to the config file
 
 
 class SampleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -405,7 +406,10 @@ class _Builder:
         if isinstance(table.get("write_key"), str):
             key = self.secret(table["write_key"], join_key(prefix, "write_key"))
             table = {**table, "write_key": key}
-        return self.convert(table, SourceConfig, prefix, name=name)
+        source = self.convert(table, SourceConfig, prefix, name=name)
+        if source.plan is not None:
+            source = msgspec.structs.replace(source, plan=self.base_dir / source.plan)
+        return source
 
     def check_sources(self, sources: dict[str, SourceConfig], server: ServerConfig) -> None:
         socket_owner: str | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from router.admission import load_plans
 from router.config import Config, DestinationConfig
 from router.destinations import build, discover
 from router.destinations.base import BuildContext, Destination
@@ -30,6 +31,7 @@ from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
 from router.pipeline import pipelines
+from router.plans import TrackingPlan
 from router.transforms import configured_transforms
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,12 @@ class Daemon:
     config: Config
     ready: bool = False
     segment: SegmentApi | None = None
+    plans: dict[str, TrackingPlan] = field(default_factory=dict)
     dispatchers: list[Dispatcher] = field(default_factory=list)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        self.plans = load_plans(config)
         destinations = build_destinations(config)
         with data_dir_lock(config):
             async with open_journal(
@@ -161,13 +165,16 @@ class Daemon:
         if socket_path is not None and config.socket_source is not None:
             source = config.sources[config.socket_source]
             sock = bind_unix_socket(socket_path, config.server.socket_mode)
-            ingress = UnixIngress(journal, SocketSource(source.name, source.raw))
+            plan = self.plans.get(source.name)
+            ingress = UnixIngress(journal, SocketSource(source.name, source.raw, plan))
             await nursery.start(ingress.serve, sock)
             log.info("listening socket=%s source=%s", socket_path, source.name)
         address = config.server.http_address
         if address is None:
             return None
-        self.segment = SegmentApi(config.http, list(config.sources.values()), journal)
+        self.segment = SegmentApi(
+            config.http, list(config.sources.values()), journal, plans=self.plans
+        )
         limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
         http = HttpServer(
             self._handle_http, limits=limits, error_headers=self.segment.error_headers

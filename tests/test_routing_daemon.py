@@ -172,3 +172,65 @@ def test_routes_filters_transforms_and_pii_end_to_end(
         inspector.close()
     finally:
         daemon.stop()
+
+
+PLAN = {
+    "unplanned_events": "block",
+    "unplanned_properties": "omit",
+    "violations": "report",
+    "track": {
+        "Order Completed": {
+            "type": "object",
+            "properties": {"total": {"type": "number", "minimum": 0}, "currency": {}},
+            "required": ["total"],
+        }
+    },
+}
+
+
+def test_a_tracking_plan_blocks_omits_and_reports_at_ingest(
+    tmp_path: Path, receivers: dict[str, Receiver]
+):
+    (tmp_path / "web-plan.json").write_text(json.dumps(PLAN))
+    body = f"""
+        [sources.web]
+        write_key = "wk_web"
+        plan = "web-plan.json"
+
+        [destinations.everything]
+        type = "webhook"
+        url = "{receivers["everything"].url}"
+        batch_size = 50
+        batch_wait = "20ms"
+
+        [[routes]]
+        to = ["everything"]
+        """
+    daemon = Daemon(tmp_path, body).start()
+    try:
+        post(
+            daemon.port,
+            "wk_web",
+            [
+                track(1, properties={"total": 10, "currency": "EUR", "secret": "x"}),
+                track(2, properties={"total": -5}),
+                track(3, event="Unplanned Thing"),
+                {"type": "identify", "messageId": "i-1", "userId": "u1"},
+            ],
+        )
+        received = receivers["everything"]
+        received.wait_for(4)  # t-1, t-2, its Violation Generated, i-1
+        time.sleep(0.5)
+        events = {e.get("messageId"): e for r in received.requests for e in r.events()}
+        assert "t-3" not in events  # blocked: reaches no destination
+        assert events["t-1"]["properties"] == {"total": 10, "currency": "EUR"}  # omitted
+        assert events["t-2"]["properties"] == {"total": -5}  # kept, and reported
+        [violation] = [e for e in events.values() if e.get("event") == "Violation Generated"]
+        assert violation["properties"]["eventMessageID"] == "t-2"
+        assert violation["properties"]["violationField"] == "properties.total"
+        assert "i-1" in events
+        tallies = Inspector(daemon.data_dir / "queue.db").tallies("source", "web")
+        assert tallies["blocked_by_plan"] == 1
+        assert tallies["accepted"] == 4
+    finally:
+        daemon.stop()

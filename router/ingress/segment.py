@@ -23,11 +23,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from router.admission import admit
 from router.config import HttpConfig, IPNetwork, SourceConfig
 from router.errors import IngestError
 from router.events import EVENT_TYPES, StoredEvent, decode_json, normalize, split_envelope
 from router.ingress.http import Request, Response, json_error
 from router.journal import Journal
+from router.plans import TrackingPlan
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +221,18 @@ class SegmentApi:
         sources: Sequence[SourceConfig],
         journal: Journal,
         *,
+        plans: Mapping[str, TrackingPlan] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.limits = limits
         self._by_key = {s.write_key.reveal(): s for s in sources if s.write_key is not None}
         self._journal = journal
+        self._plans = plans or {}
         self._clock = clock
         self._trusted = limits.trusted_networks
-        # (source or "-", outcome) -> events; read by `router status` later.
-        self.counts: Counter[tuple[str, str]] = Counter()
+        # Events dropped for want of a known write key. Kept in memory, not in the journal: a
+        # flood of unauthenticated requests must not cost a disk commit each.
+        self.unauthorized = 0
 
     async def handle(self, request: Request) -> Response:
         origin = request.headers.get("origin")
@@ -267,8 +272,7 @@ class SegmentApi:
         source = parsed.source
         if source is None:
             return self._unknown_key(parsed)
-        for refused in parsed.refused:
-            self.counts[source.name, refused.code] += 1
+        tallies = Counter(refused.code for refused in parsed.refused)
         if parsed.refused:
             log.warning(
                 "dropped invalid events source=%s count=%d first=%s",
@@ -276,10 +280,10 @@ class SegmentApi:
                 len(parsed.refused),
                 parsed.refused[0].message,
             )
-        if parsed.events:
-            stored = await self._journal.append(source.name, parsed.events, received_at)
-            self.counts[source.name, "accepted"] += stored
-            self.counts[source.name, "duplicate"] += len(parsed.events) - stored
+        plan = self._plans.get(source.name)
+        events = admit(plan, parsed.events, received_at=received_at, tallies=tallies)
+        if events or tallies:
+            await self._journal.append(source.name, events, received_at, tallies)
         return Response(200, SUCCESS)
 
     def _unknown_key(self, parsed: Parsed) -> Response:
@@ -288,6 +292,6 @@ class SegmentApi:
             raise IngestError(401, "unauthorized", what)
         # Segment's behaviour: a client with a stale key must not retry forever.
         dropped = len(parsed.events) + len(parsed.refused)
-        self.counts["-", "unauthorized"] += dropped
+        self.unauthorized += dropped
         log.warning("dropped events without a known write key count=%d reason=%s", dropped, what)
         return Response(200, SUCCESS)

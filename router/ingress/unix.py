@@ -16,6 +16,7 @@ import socket as stdlib_socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Any
 import msgspec
 import trio
 
+from router.admission import admit
 from router.errors import IngestError, RouterError
 from router.events import StoredEvent, decode_json, normalize, split_envelope
 from router.journal import Journal
+from router.plans import TrackingPlan
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class SocketSource:
 
     name: str
     raw: bool
+    plan: TrackingPlan | None = None
 
 
 @dataclass(slots=True)
@@ -144,11 +148,20 @@ class UnixIngress:
     async def _ingest(self, raw_lines: list[bytes], context: dict[str, Any]) -> bytes:
         received_at = self._clock()
         lines = [self._parse(raw, received_at, context) for raw in raw_lines if raw.strip()]
+        tallies: Counter[str] = Counter()
+        for line in lines:
+            if line.ack is not None:
+                tallies[str(line.ack["code"])] += 1
+            else:
+                tallies["invalid_event"] += line.rejected
+                line.events = admit(
+                    self._source.plan, line.events, received_at=received_at, tallies=tallies
+                )
         events = [event for line in lines if line.ack is None for event in line.events]
         failure: dict[str, Any] | None = None
-        if events:
+        if events or +tallies:
             try:
-                await self._journal.append(self._source.name, events, received_at)
+                await self._journal.append(self._source.name, events, received_at, +tallies)
             except IngestError as exc:
                 failure = _error_ack(exc)
             except RouterError as exc:
