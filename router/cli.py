@@ -11,11 +11,12 @@ from typing import Annotated
 import trio
 import typer
 
+from router.admission import load_plans
 from router.config import Config, default_config, load_config
 from router.daemon import Daemon, build_destinations
 from router.destinations.base import Destination
 from router.errors import RouterError
-from router.explain import explain, pick_source, stored_form
+from router.explain import explain, pick_source, plan_steps, stored_form
 from router.logs import setup_logging
 from router.pipeline import pipelines
 from router.transforms import configured_transforms
@@ -76,6 +77,7 @@ def check(config: ConfigOption = None) -> None:
         loaded = _load(config)
         destinations = build_destinations(loaded)
         pipelines(loaded, configured_transforms(loaded))
+        load_plans(loaded)
         trio.run(_close_all, list(destinations.values()))
     except RouterError as exc:
         raise _fail(exc) from exc
@@ -102,7 +104,9 @@ def route_event(
         except ValueError as exc:
             raise RouterError(f"{event_file}: not JSON: {exc}") from exc
         stored = stored_form(loaded, picked, event, time.time())
-        outcomes = explain(loaded, picked, stored, configured_transforms(loaded))
+        admitted, planned = plan_steps(load_plans(loaded).get(picked), stored)
+        functions = configured_transforms(loaded)
+        outcomes = [] if admitted is None else explain(loaded, picked, admitted, functions)
     except (RouterError, OSError) as exc:
         raise _fail(exc if isinstance(exc, RouterError) else RouterError(str(exc))) from exc
     if as_json:
@@ -110,6 +114,7 @@ def route_event(
             json.dumps(
                 {
                     "source": picked,
+                    "plan": planned,
                     "destinations": {
                         o.destination: {
                             "delivered": o.delivered,
@@ -125,6 +130,8 @@ def route_event(
         )
         return
     typer.echo(f"source {picked}: {stored.get('type', 'raw')} {stored.get('messageId', '')}")
+    for step in planned:
+        typer.echo(f"  {step}")
     for outcome in outcomes:
         verdict = "delivered" if outcome.delivered else f"held back ({outcome.reason})"
         typer.echo(f"\n{outcome.destination}: {verdict}")

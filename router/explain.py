@@ -16,6 +16,7 @@ from router.config import Config
 from router.errors import IngestError, RouterError
 from router.events import normalize
 from router.pipeline import Held, Pipeline, TransformFunction, pipelines
+from router.plans import TrackingPlan
 
 
 @dataclass(slots=True)
@@ -46,6 +47,22 @@ def stored_form(config: Config, source: str, event: Any, received_at: float) -> 
         raise RouterError(f"the event would be refused at ingest: {exc.message}") from exc
     result: dict[str, Any] = msgspec.json.decode(stored.body)
     return result
+
+
+def plan_steps(
+    plan: TrackingPlan | None, event: dict[str, Any]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The source's tracking plan on the event: what is stored (None: blocked), and why."""
+    if plan is None:
+        return event, []
+    outcome = plan.apply(event)
+    steps = [f"plan {plan.file}: {v.kind} at {v.path}: {v.message}" for v in outcome.violations]
+    if outcome.event is None:
+        steps.append("plan: blocked; no destination receives it")
+    steps += [f"plan: stores a Violation Generated event ({len(outcome.generated)})"] * bool(
+        outcome.generated
+    )
+    return outcome.event, steps
 
 
 def explain(
