@@ -3,9 +3,11 @@ fake clock so that retry timing can be asserted to the virtual second."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,7 +18,7 @@ from router.dispatch import Dispatcher, DispatchSettings
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import StoredEvent
 from router.journal import Inspector, Journal, open_journal
-from router.pipeline import Pipeline, Route
+from router.pipeline import Pipeline, Route, TransformFunction
 from router.retry import RetryPolicy
 
 BASE_WALL_TIME = 1_800_000_000.0
@@ -70,6 +72,7 @@ async def run_dispatcher(
     journal: Journal,
     destination: Scripted,
     policy: RetryPolicy,
+    function: TransformFunction | None = None,
     **settings: object,
 ) -> Dispatcher:
     name = "dest"
@@ -79,7 +82,7 @@ async def run_dispatcher(
         destination,
         journal,
         cursor=cursors[name],
-        pipeline=Pipeline(name, [Route(sources=None, when=None)]),
+        pipeline=Pipeline(name, [Route(sources=None, when=None)], function=function),
         clock=wall_clock,
         jitter=no_jitter,
     )
@@ -199,3 +202,46 @@ async def test_stop_lets_the_batch_in_flight_finish(autojump_clock, journal, nur
     await trio.sleep(5)
     counters = Inspector(tmp_path / "queue.db").counters("dest")
     assert counters.delivered == 1
+
+
+async def test_a_raising_transform_dead_letters_only_its_event(
+    autojump_clock, journal, nursery, tmp_path
+):
+    def picky(event: dict[str, Any]) -> dict[str, Any]:
+        if event["messageId"] == "bad":
+            raise KeyError("total")
+        return event
+
+    destination = Scripted()
+    await run_dispatcher(nursery, journal, destination, RetryPolicy(), function=picky)
+    await append(journal, "ok-1", "bad", "ok-2")
+    await trio.sleep(5)
+    assert [ids for _, ids in destination.attempts] == [["ok-1"], ["ok-2"]]
+    [dead] = Inspector(tmp_path / "queue.db").dead_letters("dest")
+    assert dead.message_id == "bad"
+    assert "transform raised KeyError('total')" in dead.reason
+
+
+async def test_a_hanging_transform_times_out_and_is_retried(autojump_clock, journal, nursery):
+    release = threading.Event()
+    calls: list[str] = []
+
+    def stuck_once(event: dict[str, Any]) -> dict[str, Any]:
+        calls.append(event["messageId"])
+        if len(calls) == 1:
+            release.wait()  # a real thread, stuck until the test ends
+        return event
+
+    destination = Scripted()
+    try:
+        await run_dispatcher(
+            nursery, journal, destination, RetryPolicy(initial=1.0), stuck_once, timeout=5.0
+        )
+        await append(journal, "m1")
+        while not destination.attempts:
+            await trio.sleep(0.5)
+        # Stuck for the 5 s timeout, then retried after the 1 s backoff: delivered at 6 s.
+        assert destination.attempts[0][0] == pytest.approx(6.0, abs=0.6)
+        assert calls == ["m1", "m1"]
+    finally:
+        release.set()
