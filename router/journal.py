@@ -343,6 +343,11 @@ class Journal:
         result: dict[str, int] = await self._submit(apply)
         return result
 
+    async def write(self, apply: Callable[[apsw.Connection], Any]) -> Any:
+        """Run ``apply`` on the writer thread inside a transaction of its own (savepoint);
+        returns its result. For operator actions (replay, dead letters): never a second writer."""
+        return await self._submit(apply)
+
     def reader(self) -> Reader:
         return Reader(self.path)
 
