@@ -12,7 +12,8 @@ import trio
 import typer
 
 from router.admission import load_plans
-from router.config import Config, default_config, load_config
+from router.cli_common import ConfigOption, fail, load
+from router.cli_operate import dlq_app, replay_command, status_command, tail_command
 from router.daemon import Daemon, build_destinations
 from router.destinations.base import Destination
 from router.errors import RouterError
@@ -27,20 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,  # plain tracebacks: journald and log files are not terminals
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML config file; without it, the embedded default."),
-]
-
-
-def _load(config: Path | None) -> Config:
-    return default_config() if config is None else load_config(config)
-
-
-def _fail(exc: RouterError) -> typer.Exit:
-    typer.echo(f"router: {exc}", err=True)
-    return typer.Exit(code=2)
 
 
 def _only_router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | None:
@@ -59,28 +46,28 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     setup_logging(log_level)
     try:
-        loaded = _load(config)
+        loaded = load(config)
         trio.run(Daemon(loaded).run)
     except RouterError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except BaseExceptionGroup as group:
         error = _only_router_error(group)
         if error is None:
             raise
-        raise _fail(error) from group
+        raise fail(error) from group
 
 
 @app.command()
 def check(config: ConfigOption = None) -> None:
     """Validate a config, including that every destination can be built."""
     try:
-        loaded = _load(config)
+        loaded = load(config)
         destinations = build_destinations(loaded)
         pipelines(loaded, configured_transforms(loaded))
         load_plans(loaded)
         trio.run(_close_all, list(destinations.values()))
     except RouterError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(
         f"{loaded.file}: ok ({len(loaded.sources)} sources, "
         f"{len(loaded.destinations)} destinations, {len(loaded.routes)} routes)"
@@ -96,7 +83,7 @@ def route_event(
 ) -> None:
     """Show what each destination would receive of one event, and why."""
     try:
-        loaded = _load(config)
+        loaded = load(config)
         picked = pick_source(loaded, source)
         text = sys.stdin.read() if str(event_file) == "-" else event_file.read_text()
         try:
@@ -108,7 +95,7 @@ def route_event(
         functions = configured_transforms(loaded)
         outcomes = [] if admitted is None else explain(loaded, picked, admitted, functions)
     except (RouterError, OSError) as exc:
-        raise _fail(exc if isinstance(exc, RouterError) else RouterError(str(exc))) from exc
+        raise fail(exc if isinstance(exc, RouterError) else RouterError(str(exc))) from exc
     if as_json:
         typer.echo(
             json.dumps(
@@ -144,6 +131,12 @@ def route_event(
 async def _close_all(destinations: list[Destination]) -> None:
     for destination in destinations:
         await destination.aclose()
+
+
+app.command("status")(status_command)
+app.command("replay")(replay_command)
+app.command("tail")(tail_command)
+app.add_typer(dlq_app, name="dlq")
 
 
 def main() -> None:

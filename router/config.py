@@ -67,6 +67,13 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o7777)] = 0o660
     shutdown_grace: float = 10.0
     plugin_dirs: tuple[Path, ...] = ()
+    # The admin API over HTTP (POST /admin), with this bearer token; unset: only the admin
+    # socket in data_dir (mode 0600) serves it.
+    admin_token: Secret | None = None
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.data_dir / "admin.sock"
 
     @property
     def socket_path(self) -> Path | None:
@@ -283,9 +290,11 @@ class _Builder:
 
     def build(self, data: dict[str, Any]) -> Config:
         self.check_keys(data, _SECTIONS, "", what="section")
-        server = self.convert(
-            self.units(self.table(data, "server"), "server"), ServerConfig, "server"
-        )
+        server_table = self.units(self.table(data, "server"), "server")
+        if isinstance(server_table.get("admin_token"), str):
+            token = self.secret(server_table["admin_token"], "server.admin_token")
+            server_table = {**server_table, "admin_token": token}
+        server = self.convert(server_table, ServerConfig, "server")
         server = msgspec.structs.replace(
             server,
             data_dir=self.base_dir / server.data_dir,

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from router.admin import AdminApi, authorized, serve_admin
 from router.admission import load_plans
 from router.config import Config, DestinationConfig
 from router.destinations import build, discover
@@ -30,7 +31,7 @@ from router.ingress.http import HttpLimits, HttpServer, Request, Response
 from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
-from router.pipeline import pipelines
+from router.pipeline import Pipeline, pipelines
 from router.plans import TrackingPlan
 from router.transforms import configured_transforms
 
@@ -83,6 +84,8 @@ class Daemon:
     config: Config
     ready: bool = False
     segment: SegmentApi | None = None
+    admin: AdminApi | None = None
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)
     plans: dict[str, TrackingPlan] = field(default_factory=dict)
     dispatchers: list[Dispatcher] = field(default_factory=list)
 
@@ -115,6 +118,7 @@ class Daemon:
             async with trio.open_nursery() as dispatch_nursery:
                 await self._start_dispatchers(journal, destinations, cursors, dispatch_nursery)
                 async with trio.open_nursery() as ingress_nursery:
+                    await self._start_admin(journal, ingress_nursery)
                     http = await self._start_ingress(journal, ingress_nursery)
                     self.ready = True
                     log.info("router ready data_dir=%s", config.server.data_dir)
@@ -127,6 +131,7 @@ class Daemon:
                         await http.shutdown(config.server.shutdown_grace)
                     ingress_nursery.cancel_scope.cancel()
                 _remove_socket(config.server.socket_path)
+                _remove_socket(config.server.admin_socket_path)
                 # Deliveries in flight get the grace period; past it they are cut off and
                 # retried after the next start (at-least-once).
                 for dispatcher in self.dispatchers:
@@ -142,7 +147,7 @@ class Daemon:
         cursors: dict[str, int],
         nursery: trio.Nursery,
     ) -> None:
-        routed = pipelines(self.config, configured_transforms(self.config))
+        self.pipelines = routed = pipelines(self.config, configured_transforms(self.config))
         for name, destination in destinations.items():
             pipeline = routed.get(name)
             if pipeline is None:
@@ -158,6 +163,19 @@ class Daemon:
             )
             self.dispatchers.append(dispatcher)
             await nursery.start(dispatcher.run)
+
+    async def _start_admin(self, journal: Journal, nursery: trio.Nursery) -> None:
+        """The control channel for the CLI: owner-only, so file permissions authenticate."""
+        by_name = {d.settings.name: d for d in self.dispatchers}
+
+        def wake(destination: str) -> None:
+            if destination in by_name:
+                by_name[destination].retries_changed()
+
+        self.admin = AdminApi(self.config, journal, self.pipelines, wake)
+        sock = bind_unix_socket(self.config.server.admin_socket_path, 0o600)
+        await nursery.start(serve_admin, self.admin, sock)
+        nursery.start_soon(self.admin.sample_rates)
 
     async def _start_ingress(self, journal: Journal, nursery: trio.Nursery) -> HttpServer | None:
         config = self.config
@@ -186,6 +204,8 @@ class Daemon:
     async def _handle_http(self, request: Request) -> Response:
         if is_segment_path(request.path) and self.segment is not None:
             return await self.segment.handle(request)
+        if request.path == "/admin":
+            return await self._admin_over_http(request)
         if request.path == "/health":
             return _json(200, {"status": "ok"})
         if request.path == "/ready":
@@ -193,6 +213,23 @@ class Daemon:
                 return _json(200, {"status": "ready"})
             return _json(503, {"status": "not ready"})
         return _json(404, {"code": "not_found", "message": f"no route for {request.path}"})
+
+    async def _admin_over_http(self, request: Request) -> Response:
+        token = self.config.server.admin_token
+        if token is None or self.admin is None:
+            return _json(404, {"code": "not_found", "message": "set server.admin_token to use"})
+        if not authorized(request.headers.get("authorization"), token.reveal()):
+            return _json(401, {"code": "unauthorized", "message": "bearer token required"})
+        if request.method != "POST":
+            return _json(405, {"code": "method_not_allowed", "message": "POST a JSON request"})
+        try:
+            body = msgspec.json.decode(request.body)
+        except msgspec.DecodeError as exc:
+            return _json(400, {"code": "invalid_json", "message": str(exc)})
+        if not isinstance(body, dict) or body.get("op") == "tail":
+            return _json(400, {"code": "bad_request", "message": "one op, not tail, per request"})
+        answer = await self.admin.handle(body)
+        return _json(200 if answer.get("ok") else 400, answer)
 
 
 def _remove_socket(path: Path | None) -> None:

@@ -270,12 +270,17 @@ class Dispatcher:
                     attempts=pending.attempts + 1,
                     first_attempt_at=pending.first_attempt_at,
                     history=pending.history,
+                    from_retry_set=True,
                 )
             await self._journal.record(record)
         finally:
             self._retrying.difference_update(p.event.seq for p in due)
             self._slots.release()
             self._wake_retries()
+
+    def retries_changed(self) -> None:
+        """Someone else (a replay) put events in this destination's retry set: look again."""
+        self._wake_retries()
 
     def _wake_retries(self) -> None:
         self._retries_changed.set()
@@ -337,6 +342,7 @@ class Dispatcher:
         attempts: int,
         first_attempt_at: float,
         history: str,
+        from_retry_set: bool = False,
     ) -> None:
         now = self._clock()
         decision = decide(
@@ -349,7 +355,7 @@ class Dispatcher:
         )
         if isinstance(decision, Delivered):
             record.delivered += 1
-            if attempts > 1:
+            if from_retry_set:  # a retry, or a replay (which starts at attempt 1)
                 record.retries_done.append(row.seq)
             return
         updated = _append_history(history, now, result)

@@ -567,8 +567,12 @@ def test_reference_config_shows_every_key(struct: type[msgspec.Struct]) -> None:
             assert f"{field.encode_name} =" in text, field.encode_name
 
 
-def test_reference_config_defaults_match_the_code(tmp_path: Path) -> None:
-    """Uncommenting the commented-out defaults of [server] and [queue] changes nothing."""
+def test_reference_config_defaults_match_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uncommenting the commented-out defaults of [server] and [queue] changes nothing (but
+    the admin token, which has no default and is shown as an example)."""
+    monkeypatch.setenv("ROUTER_ADMIN_TOKEN", "t0ken")
     lines = REFERENCE.read_text().splitlines()
     start = lines.index("[server]")
     end = lines.index("[sources.web]")
@@ -577,7 +581,9 @@ def test_reference_config_defaults_match_the_code(tmp_path: Path) -> None:
         for line in lines[start:end]
     ]
     config = parse_config("\n".join(uncommented), base_dir=tmp_path)
-    assert config.server == parse_config("", base_dir=tmp_path).server
+    assert config.server.admin_token == Secret("t0ken")
+    unset = msgspec.structs.replace(config.server, admin_token=None)
+    assert unset == parse_config("", base_dir=tmp_path).server
     assert config.http == HttpConfig()
     assert config.queue == QueueConfig()
 
