@@ -157,8 +157,10 @@ class AdminApi:
                 "SELECT coalesce(max(seq), 0) FROM cursors WHERE destination = ?", (destination,)
             ).fetchall()[0][0]
         )
+        pipeline = self.pipelines.get(destination)
+        routes_take = pipeline.routes_take if pipeline is not None else None
         seqs: list[int] = await self._read(
-            lambda conn: operations.select_replay(conn, chosen, int(cursor))
+            lambda conn: operations.select_replay(conn, chosen, int(cursor), routes_take)
         )
         if request.get("dry_run"):
             return {"matched": len(seqs), "queued": 0}

@@ -22,6 +22,8 @@ from router.config import Config
 from router.daemon import data_dir_lock
 from router.errors import RouterError
 from router.journal import connect, open_journal
+from router.pipeline import pipelines
+from router.transforms import configured_transforms
 from router.units import parse_duration
 
 
@@ -84,7 +86,8 @@ def offline(config: Config, request: dict[str, Any]) -> dict[str, Any]:
             config.server.data_dir / "queue.db", synchronous=config.queue.synchronous
         ) as journal:
             await journal.ensure_cursors(list(config.destinations))
-            return await AdminApi(config, journal, {}).handle(request)
+            routed = pipelines(config, configured_transforms(config))
+            return await AdminApi(config, journal, routed).handle(request)
 
     with data_dir_lock(config):
         return trio.run(run)

@@ -149,11 +149,9 @@ class Daemon:
     ) -> None:
         self.pipelines = routed = pipelines(self.config, configured_transforms(self.config))
         for name, destination in destinations.items():
-            pipeline = routed.get(name)
-            if pipeline is None:
-                log.warning("destination has no route destination=%s", name)
-                await destination.aclose()
-                continue
+            pipeline = routed[name]
+            if not pipeline.routes:
+                log.warning("destination has no route: it takes replays only destination=%s", name)
             dispatcher = Dispatcher(
                 _settings(self.config.destinations[name]),
                 destination,

@@ -175,18 +175,19 @@ class Dispatcher:
     # -- what the destination receives -------------------------------------------
 
     async def _prepare(
-        self, rows: Sequence[LoggedEvent], record: BatchRecord
+        self, rows: Sequence[LoggedEvent], record: BatchRecord, *, routed: bool = False
     ) -> tuple[list[_Ready], list[_Outcome]]:
         """Run the pipeline: payloads to send, and events that failed in it. Held-back events
         are counted in ``record``. A transform function runs on a worker thread under the
         destination's timeout, so a function that hangs costs a retry, not the event loop."""
         if self._pipeline.function is None:
-            prepared = [self._prepare_one(row) for row in rows]
+            prepared = [self._prepare_one(row, routed) for row in rows]
         else:
             prepared = []
             with trio.move_on_after(self.settings.timeout):
                 prepared = await trio.to_thread.run_sync(
-                    lambda: [self._prepare_one(row) for row in rows], abandon_on_cancel=True
+                    lambda: [self._prepare_one(row, routed) for row in rows],
+                    abandon_on_cancel=True,
                 )
             if not prepared:
                 detail = f"transform timed out after {self.settings.timeout:g}s"
@@ -204,9 +205,9 @@ class Dispatcher:
                 failed.append((row, outcome))
         return ready, failed
 
-    def _prepare_one(self, row: LoggedEvent) -> bytes | Held | AttemptResult:
+    def _prepare_one(self, row: LoggedEvent, routed: bool) -> bytes | Held | AttemptResult:
         try:
-            return self._pipeline.prepare(row.source, row.body)
+            return self._pipeline.prepare(row.source, row.body, routed=routed)
         # Containment: a transform function's bug dead-letters its own event, with the error,
         # ready for `router dlq replay` once the function is fixed. Retrying cannot help.
         except Exception as exc:  # noqa: BLE001
@@ -256,7 +257,8 @@ class Dispatcher:
         record = BatchRecord(self.settings.name)
         try:
             by_seq = {p.event.seq: p for p in due}
-            ready, failed = await self._prepare([p.event for p in due], record)
+            # The retry set holds what routes already took (or an operator replayed).
+            ready, failed = await self._prepare([p.event for p in due], record, routed=True)
             outcomes = failed + await self._attempt(ready, attempt=min(p.attempts for p in due) + 1)
             # Held back now (the config changed since): no longer pending here.
             finished = {row.seq for row, _ in outcomes}

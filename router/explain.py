@@ -76,7 +76,7 @@ def explain(
 
 
 def _one(name: str, pipeline: Pipeline | None, source: str, event: dict[str, Any]) -> Outcome:
-    if pipeline is None:
+    if pipeline is None or not pipeline.routes:
         return Outcome(name, False, "no_route", ["no route names this destination"])
     steps: list[str] = []
     try:

@@ -13,7 +13,7 @@ again (no longer dead); one moved to another destination leaves this one's books
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,26 +37,48 @@ class ReplayRange:
     where: fql.Expression | None = None  # an FQL condition on the event; errors do not match
 
 
-def select_replay(conn: apsw.Connection, chosen: ReplayRange, cursor: int) -> list[int]:
-    """The seqs of the events ``chosen`` selects, up to ``cursor``: events past a
-    destination's cursor have not been handled yet, and live traffic will send them."""
-    sql = "SELECT seq, body FROM events WHERE received_at >= ? AND received_at < ? AND seq <= ?"
+def select_replay(
+    conn: apsw.Connection,
+    chosen: ReplayRange,
+    cursor: int,
+    routes_take: Callable[[str, dict[str, Any]], bool] | None = None,
+) -> list[int]:
+    """The seqs of the events ``chosen`` selects that the destination's routes take, up to
+    ``cursor``: events past a destination's cursor have not been handled yet, and live
+    traffic will send them."""
+    sql = (
+        "SELECT seq, source, body FROM events "
+        "WHERE received_at >= ? AND received_at < ? AND seq <= ?"
+    )
     args: list[Any] = [chosen.since, chosen.until, cursor]
     if chosen.source is not None:
         sql += " AND source = ?"
         args.append(chosen.source)
     rows = conn.execute(sql + " ORDER BY seq", args)
-    return [int(seq) for seq, body in rows if _matches(chosen.where, body)]
+    return [
+        int(seq)
+        for seq, source, body in rows
+        if _matches(chosen.where, routes_take, str(source), body)
+    ]
 
 
-def _matches(where: fql.Expression | None, body: Any) -> bool:
-    if where is None:
+def _matches(
+    where: fql.Expression | None,
+    routes_take: Callable[[str, dict[str, Any]], bool] | None,
+    source: str,
+    body: Any,
+) -> bool:
+    if where is None and routes_take is None:
         return True
     try:
         event = _decode(body)
     except msgspec.DecodeError:
         return False
-    return type(event) is dict and where.matches(event) is True
+    if type(event) is not dict:
+        return False
+    if where is not None and where.matches(event) is not True:
+        return False
+    return routes_take is None or routes_take(source, event)
 
 
 def queue_replay(
@@ -155,8 +177,3 @@ def purge_dead_letters(conn: apsw.Connection, destination: str, seqs: list[int] 
         ((destination, seq) for seq in chosen),
     )
     return len(chosen)
-
-
-def batched(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -108,22 +108,36 @@ class Pipeline:
         """Whether events of ``source`` are routed here at all (before any condition)."""
         return self._any_source or source in self._sources
 
-    def prepare(self, source: str, body: bytes) -> bytes | Held:
-        """The payload to deliver for a stored event, or why it is held back."""
+    def prepare(self, source: str, body: bytes, *, routed: bool = False) -> bytes | Held:
+        """The payload to deliver for a stored event, or why it is held back. ``routed``: the
+        routes already took it (a retry, or a replay chosen by them or by an operator), so
+        only the destination's own steps run."""
         try:
             event = _decode(body)
         except msgspec.DecodeError:
             return Held(NOT_AN_OBJECT)  # stored bodies are valid JSON; this is belt and braces
         if type(event) is not dict:
             return Held(NOT_AN_OBJECT)
-        outcome = self.shape(source, event)
+        outcome = self.shape(source, event, routed=routed)
         return outcome if isinstance(outcome, Held) else _encode(outcome)
 
-    def shape(self, source: str, event: Event, trace: list[str] | None = None) -> Event | Held:
+    def routes_take(self, source: str, event: Event) -> bool:
+        """Whether some route to this destination takes the event (for choosing a replay)."""
+        return self._route(source, event, _ignore) is None
+
+    def shape(
+        self,
+        source: str,
+        event: Event,
+        trace: list[str] | None = None,
+        *,
+        routed: bool = False,
+    ) -> Event | Held:
         """Every step on a decoded event (modified in place and returned). With ``trace``,
         each step appends what it did, for `router route`."""
         note = trace.append if trace is not None else _ignore
-        held = self._route(source, event, note) or self._integrations(event, note)
+        held = None if routed else self._route(source, event, note)
+        held = held or self._integrations(event, note)
         if held is not None:
             return held
         for index, spec, condition in self._filters:
@@ -370,8 +384,7 @@ def _protect(event: Event, privacy: PrivacyConfig, note: Callable[[str], None]) 
 
 
 def pipelines(config: Config, functions: Mapping[str, TransformFunction]) -> dict[str, Pipeline]:
-    """A pipeline for every destination that some route names."""
-    named = {name for route in config.routes for name in route.to}
+    """A pipeline for every destination (one that no route names still takes replays)."""
     return {
         name: Pipeline.for_destination(
             config,
@@ -379,5 +392,4 @@ def pipelines(config: Config, functions: Mapping[str, TransformFunction]) -> dic
             functions.get(config.destinations[name].transform.function or ""),
         )
         for name in config.destinations
-        if name in named
     }
