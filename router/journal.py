@@ -15,6 +15,7 @@ connections. Nothing else opens the database while the daemon runs.
 Every write goes through one thread that takes whatever operations are waiting, applies
 each in its own savepoint (so one bad operation fails alone), commits once, and only then
 wakes the waiters: many concurrent acks share one fsync.
+
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ def check_integrity(conn: apsw.Connection, path: Path) -> None:
         )
 
 
-def _prepare(path: Path, synchronous: Synchronous) -> apsw.Connection:
+def _prepare(
+    path: Path, synchronous: Synchronous, max_page_count: int | None = None
+) -> apsw.Connection:
     conn = connect(path)
     check_integrity(conn, path)
     try:
@@ -235,6 +238,8 @@ def _prepare(path: Path, synchronous: Synchronous) -> apsw.Connection:
         if mode != "wal":
             raise JournalError(f"{path}: cannot switch the queue to WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if max_page_count is not None:
+            conn.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
         with conn:
             conn.execute(_SCHEMA)
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchall()
@@ -271,6 +276,7 @@ class Journal:
         self._token = trio.lowlevel.current_trio_token()
         self._head = _scalar(conn, "SELECT coalesce(max(seq), 0) FROM events")
         self._head_changed = trio.Event()
+        self._disk_full = False  # the writer thread's alone
         self._page_size = _scalar(conn, "PRAGMA page_size")
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
@@ -345,7 +351,12 @@ class Journal:
 
     async def write(self, apply: Callable[[apsw.Connection], Any]) -> Any:
         """Run ``apply`` on the writer thread inside a transaction of its own (savepoint);
-        returns its result. For operator actions (replay, dead letters): never a second writer."""
+        returns its result. For operator actions (replay, dead letters): never a second writer.
+
+        ``apply`` must touch only the connection and never end the transaction itself: when
+        the disk fills under another operation of the same commit, SQLite may throw the whole
+        transaction away, and ``apply`` then runs again in a new one.
+        """
         return await self._submit(apply)
 
     def reader(self) -> Reader:
@@ -387,45 +398,91 @@ class Journal:
                 self._commit_group(ops)
 
     def _commit_group(self, ops: list[_Operation]) -> None:
+        pending = ops
+        while pending:
+            pending = self._commit_once(pending)
+        head = _scalar(self._conn, "SELECT coalesce(max(seq), 0) FROM events")
+        try:
+            self._token.run_sync_soon(self._finish, ops, head)
+        except trio.RunFinishedError:
+            log.warning("journal finished writes after the event loop stopped")
+
+    def _commit_once(self, ops: list[_Operation]) -> list[_Operation]:
+        """Apply ``ops`` in one transaction, each in a savepoint of its own so that a failing
+        one rolls back alone, and commit. Returns the operations to apply again: on
+        SQLITE_FULL (and some I/O errors) SQLite may throw away the whole transaction, not
+        just the failing statement. The operation that hit it has failed; those before it
+        lost their work through no fault of their own and run again in a new transaction."""
         conn = self._conn
+        applied: list[_Operation] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                try:
-                    with conn:  # a savepoint: this operation alone rolls back on error
-                        op.result = op.apply(conn)
-                except RouterError as exc:
-                    op.error = exc
-                except apsw.FullError as exc:
-                    op.error = QueueFullError(f"the disk holding the queue is full: {exc}")
-                except apsw.Error as exc:
-                    log.exception("journal operation failed")
-                    op.error = JournalError(f"queue write failed: {exc}")
+            for i, op in enumerate(ops):
+                self._apply(op)
+                if conn.get_autocommit():
+                    if isinstance(op.error, QueueFullError):
+                        self._note_full(op.error)
+                    return applied + ops[i + 1 :]
+                if op.error is None:
+                    applied.append(op)
             conn.execute("COMMIT")
         except apsw.Error as exc:
             # The commit itself failed (disk full, I/O error): nothing of this group is
             # durable, so nothing of it may be acked.
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
-            log.exception("queue commit failed")
+            error = _map_error(exc, "queue commit failed")
+            if isinstance(error, QueueFullError):
+                self._note_full(error)
+            else:
+                log.exception("queue commit failed")
             for op in ops:
-                if isinstance(exc, apsw.FullError):
-                    op.error = QueueFullError(f"the disk holding the queue is full: {exc}")
-                else:
-                    op.error = JournalError(f"queue commit failed: {exc}")
-        head = _scalar(conn, "SELECT coalesce(max(seq), 0) FROM events")
+                if op.error is None:
+                    op.error = error
+        else:
+            self._note_full(None)
+        return []
+
+    def _note_full(self, error: BaseException | None) -> None:
+        """Say when the disk fills up and when there is room again, once each: while it is
+        full every write fails, and a line per refusal would bury everything else."""
+        if error is not None and not self._disk_full:
+            log.warning("the disk holding the queue is full; ingest answers 503: %s", error)
+        elif error is None and self._disk_full:
+            log.info("the queue has room again; ingest resumed")
+        self._disk_full = error is not None
+
+    def _apply(self, op: _Operation) -> None:
+        conn = self._conn
+        op.error = None
         try:
-            self._token.run_sync_soon(self._finish, ops, head)
-        except trio.RunFinishedError:
-            log.warning("journal finished writes after the event loop stopped")
+            conn.execute("SAVEPOINT op")
+            op.result = op.apply(conn)
+            conn.execute("RELEASE op")
+        # Not apsw's ``with conn``: when SQLite has already dropped the transaction, its exit
+        # fails on the missing savepoint and hides the FullError we need to answer 503.
+        # Anything at all is caught: a bug in one operation must not kill this thread and
+        # leave every waiter hanging.
+        except Exception as exc:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            if not isinstance(exc, RouterError | apsw.FullError):
+                log.exception("journal operation failed")
+            op.error = _map_error(exc, "queue write failed")
 
     def _refuse_if_full(self, conn: apsw.Connection) -> None:
-        pages = _scalar(conn, "PRAGMA page_count")
-        if pages * self._page_size >= self._max_bytes:
+        # Live pages, not the file size: pages freed by deleting events are reused by new
+        # ones, so ingest resumes by itself once events have been deleted.
+        live = self._live_bytes(conn)
+        if live >= self._max_bytes:
             raise QueueFullError(
-                f"the queue holds {pages * self._page_size} bytes, at its limit "
-                f"queue.max_bytes = {self._max_bytes}"
+                f"the queue holds {live} bytes, at its limit queue.max_bytes = {self._max_bytes}"
             )
+
+    def _live_bytes(self, conn: apsw.Connection) -> int:
+        free = _scalar(conn, "PRAGMA freelist_count")
+        return (_scalar(conn, "PRAGMA page_count") - free) * self._page_size
 
     def _finish(self, ops: list[_Operation], head: int) -> None:
         """Runs in the trio thread: wake the waiters and the dispatchers."""
@@ -435,6 +492,15 @@ class Journal:
             self._head = head
             self._head_changed.set()
             self._head_changed = trio.Event()
+
+
+def _map_error(exc: BaseException, doing: str) -> BaseException:
+    """The one place where the writer's foreign exceptions get their meaning."""
+    if isinstance(exc, RouterError):
+        return exc
+    if isinstance(exc, apsw.FullError):
+        return QueueFullError(f"the disk holding the queue is full: {exc}")
+    return JournalError(f"{doing}: {exc}")
 
 
 def _apply_record(conn: apsw.Connection, batch: BatchRecord) -> None:
@@ -601,10 +667,16 @@ async def open_journal(
     synchronous: Synchronous = "full",
     dedupe_window: float = 24 * 3600.0,
     max_bytes: int = 10 * 1024**3,
+    max_page_count: int | None = None,
 ) -> AsyncIterator[Journal]:
-    """Open (creating if needed) and check the queue, run its writer, close it cleanly."""
+    """Open (creating if needed) and check the queue, run its writer, close it cleanly.
+
+    ``max_page_count`` caps the file at that many pages (SQLite's own limit, answered like a
+    full disk): for tests, and for small devices that want a hard ceiling under
+    ``max_bytes``. It cannot go below the pages the file already has.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = await trio.to_thread.run_sync(_prepare, path, synchronous)
+    conn = await trio.to_thread.run_sync(_prepare, path, synchronous, max_page_count)
     journal = Journal(path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes)
     try:
         yield journal

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import apsw
@@ -10,7 +14,14 @@ import trio
 
 from router.errors import JournalError, QueueFullError
 from router.events import StoredEvent
-from router.journal import BatchRecord, Inspector, open_journal
+from router.journal import (
+    BatchRecord,
+    DeadRow,
+    Inspector,
+    Journal,
+    LoggedEvent,
+    open_journal,
+)
 
 NOW = 1_800_000_000.0
 
@@ -96,3 +107,143 @@ async def test_outcomes_and_cursor_commit_together(tmp_path: Path):
     assert (counters.routed, counters.delivered, counters.pending) == (3, 3, 0)
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     assert conn.execute("SELECT seq FROM cursors WHERE destination='hook'").fetchall() == [(3,)]
+
+
+def sized(prefix: str, n: int, size: int = 1000) -> list[StoredEvent]:
+    return [StoredEvent(f"{prefix}{i}", b"x" * size) for i in range(n)]
+
+
+# -- a full disk -------------------------------------------------------------------------------
+
+
+def integrity(path: Path) -> list[tuple[str]]:
+    conn = apsw.Connection(str(path))
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()  # type: ignore[return-value]
+    finally:
+        conn.close()
+
+
+async def fill_until_refused(journal: Journal, size: int = 2000) -> int:
+    """Append one event at a time until the queue refuses; returns how many were acked."""
+    for n in range(10_000):
+        try:
+            await journal.append("app", sized(f"f{journal.head}-", 1, size), NOW)
+        except QueueFullError:
+            return n
+    raise AssertionError("the queue never filled")
+
+
+async def test_a_full_disk_refuses_whole_events_and_ingest_resumes(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path, max_page_count=80) as journal:
+        await journal.ensure_cursors(["hook"])
+        acked = await fill_until_refused(journal)
+        assert acked > 10
+        with pytest.raises(QueueFullError, match="disk"):
+            await journal.append("app", sized("big", 20), NOW)
+        assert Inspector(path).event_count() == acked  # nothing half-written
+        assert integrity(path) == [("ok",)]
+        assert Inspector(path).tallies("source", "app") == {"accepted": acked}
+
+        # room comes back
+        await journal.write(lambda conn: conn.execute("PRAGMA max_page_count = 120").fetchall())
+        assert await journal.append("app", sized("more", 5), NOW) == 5
+    assert Inspector(path).event_count() == acked + 5
+    assert integrity(path) == [("ok",)]
+
+
+async def one_group(journal: Journal, calls: dict[str, Callable[[], Awaitable[object]]]):
+    """Run ``calls`` (in this order) as one group commit; returns each one's result or error."""
+    gate = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    async def run(name: str, call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            outcomes[name] = await call()
+        except QueueFullError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        # hold the writer, so that the calls queue up behind and go in one group
+        nursery.start_soon(journal.write, lambda _conn: gate.wait())
+        await trio.sleep(0.05)
+        for name, call in calls.items():
+            nursery.start_soon(run, name, call)
+            await trio.sleep(0.01)
+        gate.set()
+    return outcomes
+
+
+async def test_a_full_disk_fails_only_the_writes_that_did_not_fit(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path, max_page_count=80) as journal:
+        await journal.ensure_cursors(["hook"])
+        await fill_until_refused(journal, size=200)
+        base = Inspector(path).event_count()
+        # A big dead letter is one row: on SQLITE_FULL, SQLite throws away the whole
+        # transaction under it, not just the statement, so the small append before it in the
+        # same commit must run again, or it would be acked without being stored.
+        big_letter = DeadRow(LoggedEvent(1, "app", "m1", NOW, b"x" * 100_000), "r", 1, "[]")
+        calls = {
+            "small": lambda: journal.append("app", sized(f"s{journal.head}", 1, 10), NOW),
+            "big": lambda: journal.append("app", sized(f"b{journal.head}", 50), NOW),
+            "dead": lambda: journal.record(BatchRecord("hook", dead=[big_letter])),
+            "record": lambda: journal.record(BatchRecord("hook", routed=1)),
+        }
+        for order in (["small", "big", "dead", "record"], ["dead", "big", "record", "small"]):
+            outcomes = await one_group(journal, {name: calls[name] for name in order})
+            assert isinstance(outcomes["big"], QueueFullError), order
+            assert isinstance(outcomes["dead"], QueueFullError), order
+            assert outcomes["small"] == 1, order
+            assert outcomes["record"] is None, order
+        assert Inspector(path).event_count() == base + 2
+        assert Inspector(path).counters("hook").routed == 2
+        assert Inspector(path).dead_letters() == []
+    assert integrity(path) == [("ok",)]
+
+
+async def test_a_failing_operation_fails_alone_and_the_writer_lives_on(tmp_path: Path):
+    def broken(_conn: apsw.Connection) -> None:
+        raise TypeError("a bug in one operation")
+
+    async with open_journal(tmp_path / "queue.db") as journal:
+        with pytest.raises(JournalError, match="a bug"):
+            await journal.write(broken)
+        assert await journal.append("app", events("a"), NOW) == 1
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+async def test_a_really_full_filesystem_refuses_and_recovers_when_space_returns(tmp_path: Path):
+    disk = tmp_path / "small"
+    _mount_tmpfs(disk, "2m")
+    try:
+        path = disk / "queue.db"
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * 1024 * 1024)
+        async with open_journal(path) as journal:
+            acked = await fill_until_refused(journal)
+            assert acked > 10
+            with pytest.raises(QueueFullError, match="disk"):
+                await journal.append("app", sized("late", 5), NOW)
+            assert Inspector(path).event_count() == acked
+            assert integrity(path) == [("ok",)]
+            ballast.unlink()  # space returns
+            assert await journal.append("app", sized("late", 5), NOW) == 5
+        assert Inspector(path).event_count() == acked + 5
+        assert integrity(path) == [("ok",)]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
