@@ -31,6 +31,7 @@ from router.ingress.http import HttpLimits, HttpServer, Request, Response
 from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
+from router.metrics import CONTENT_TYPE, Latencies, render
 from router.pipeline import Pipeline, pipelines
 from router.plans import TrackingPlan
 from router.transforms import configured_transforms
@@ -85,6 +86,7 @@ class Daemon:
     ready: bool = False
     segment: SegmentApi | None = None
     admin: AdminApi | None = None
+    latencies: Latencies = field(default_factory=Latencies)
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
     plans: dict[str, TrackingPlan] = field(default_factory=dict)
     dispatchers: list[Dispatcher] = field(default_factory=list)
@@ -158,6 +160,7 @@ class Daemon:
                 journal,
                 cursor=cursors[name],
                 pipeline=pipeline,
+                latencies=self.latencies,
             )
             self.dispatchers.append(dispatcher)
             await nursery.start(dispatcher.run)
@@ -182,14 +185,20 @@ class Daemon:
             source = config.sources[config.socket_source]
             sock = bind_unix_socket(socket_path, config.server.socket_mode)
             plan = self.plans.get(source.name)
-            ingress = UnixIngress(journal, SocketSource(source.name, source.raw, plan))
+            ingress = UnixIngress(
+                journal, SocketSource(source.name, source.raw, plan), latencies=self.latencies
+            )
             await nursery.start(ingress.serve, sock)
             log.info("listening socket=%s source=%s", socket_path, source.name)
         address = config.server.http_address
         if address is None:
             return None
         self.segment = SegmentApi(
-            config.http, list(config.sources.values()), journal, plans=self.plans
+            config.http,
+            list(config.sources.values()),
+            journal,
+            plans=self.plans,
+            latencies=self.latencies,
         )
         limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
         http = HttpServer(
@@ -204,6 +213,11 @@ class Daemon:
             return await self.segment.handle(request)
         if request.path == "/admin":
             return await self._admin_over_http(request)
+        if request.path == "/metrics" and self.admin is not None:
+            shown = await self.admin.handle({"op": "status"})
+            dropped = self.segment.unauthorized if self.segment is not None else 0
+            text = render(shown, self.latencies, unauthorized=dropped).encode()
+            return Response(200, text, [("content-type", CONTENT_TYPE)])
         if request.path == "/health":
             return _json(200, {"status": "ok"})
         if request.path == "/ready":

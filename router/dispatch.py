@@ -35,6 +35,7 @@ from router.journal import (
     Reader,
     RetryRow,
 )
+from router.metrics import Latencies
 from router.pipeline import Held, Pipeline
 from router.retry import (
     AttemptResult,
@@ -92,6 +93,7 @@ class Dispatcher:
         pipeline: Pipeline,
         clock: Callable[[], float] = time.time,
         jitter: Jitter = full_jitter,
+        latencies: Latencies | None = None,
     ) -> None:
         self.settings = settings
         self._destination = destination
@@ -100,6 +102,7 @@ class Dispatcher:
         self._pipeline = pipeline
         self._clock = clock
         self._jitter = jitter
+        self._latencies = latencies or Latencies()
         self._slots = trio.Semaphore(settings.concurrency)
         self._spans: deque[_Span] = deque()
         self._commit_lock = trio.Lock()
@@ -247,6 +250,8 @@ class Dispatcher:
             if due:
                 await self._slots.acquire()
                 self._retrying.update(p.event.seq for p in due)
+                retried = self._latencies.retried
+                retried[self.settings.name] = retried.get(self.settings.name, 0) + len(due)
                 senders.start_soon(self._send_retries, due)
                 continue
             wait = 3600.0 if next_due is None else max(0.0, next_due - self._clock())
@@ -295,7 +300,9 @@ class Dispatcher:
         if not ready:
             return []
         rows = [row for row, _ in ready]
+        started = trio.current_time()
         results = await self._send(ready, attempt)
+        self._latencies.delivered_in(self.settings.name, trio.current_time() - started)
         return list(zip(rows, results, strict=True))
 
     async def _send(self, ready: Sequence[_Ready], attempt: int) -> list[AttemptResult]:

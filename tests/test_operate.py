@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Daemon, ReceivedRequest, Receiver
 
@@ -286,5 +287,42 @@ def test_the_http_admin_api_needs_its_token(
         assert "hook" in right.json()["destinations"]
         admin_socket = daemon.data_dir / "admin.sock"
         assert admin_socket.stat().st_mode & 0o777 == 0o600
+    finally:
+        receiver.close()
+
+
+def test_metrics_are_valid_prometheus_text_and_agree_with_status(
+    tmp_path: Path, daemons: list[Daemon]
+):
+    receiver = Receiver(policy=lambda _r, i: (500, {}, b"") if i == 0 else (200, {}, b""))
+    try:
+        daemon = Daemon(tmp_path, config(("hook", receiver))).start()
+        daemons.append(daemon)
+        send(daemon, ["m-1", "m-2"])
+        httpx.post(
+            f"http://127.0.0.1:{daemon.port}/v1/t",
+            json={"userId": "u", "event": "E"},
+            auth=("x", ""),
+        )
+        receiver.wait_for(2)
+        settle(daemon, ["hook"])
+        response = httpx.get(f"http://127.0.0.1:{daemon.port}/metrics")
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples
+        }
+        hook = (("destination", "hook"),)
+        assert samples["router_destination_delivered_total", hook] == 2
+        assert samples["router_destination_routed_total", hook] == 2
+        assert samples["router_destination_pending", hook] == 0
+        assert samples["router_destination_retried_total", hook] >= 1
+        assert (
+            samples["router_source_events_total", (("outcome", "accepted"), ("source", "web"))] == 2
+        )
+        assert samples["router_unauthorized_events_total", ()] == 1
+        assert samples["router_commit_seconds_count", ()] >= 1
+        assert samples["router_delivery_seconds_count", hook] >= 2
     finally:
         receiver.close()

@@ -23,12 +23,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import trio
+
 from router.admission import admit
 from router.config import HttpConfig, IPNetwork, SourceConfig
 from router.errors import IngestError
 from router.events import EVENT_TYPES, StoredEvent, decode_json, normalize, split_envelope
 from router.ingress.http import Request, Response, json_error
 from router.journal import Journal
+from router.metrics import Latencies
 from router.plans import TrackingPlan
 
 log = logging.getLogger(__name__)
@@ -223,11 +226,13 @@ class SegmentApi:
         *,
         plans: Mapping[str, TrackingPlan] | None = None,
         clock: Callable[[], float] = time.time,
+        latencies: Latencies | None = None,
     ) -> None:
         self.limits = limits
         self._by_key = {s.write_key.reveal(): s for s in sources if s.write_key is not None}
         self._journal = journal
         self._plans = plans or {}
+        self._latencies = latencies or Latencies()
         self._clock = clock
         self._trusted = limits.trusted_networks
         # Events dropped for want of a known write key. Kept in memory, not in the journal: a
@@ -283,7 +288,10 @@ class SegmentApi:
         plan = self._plans.get(source.name)
         events = admit(plan, parsed.events, received_at=received_at, tallies=tallies)
         if events or tallies:
+            started = trio.current_time()
             await self._journal.append(source.name, events, received_at, tallies)
+            # What the client waits for its ack: group commit included.
+            self._latencies.commit.observe(trio.current_time() - started)
         return Response(200, SUCCESS)
 
     def _unknown_key(self, parsed: Parsed) -> Response:

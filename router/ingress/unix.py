@@ -29,6 +29,7 @@ from router.admission import admit
 from router.errors import IngestError, RouterError
 from router.events import StoredEvent, decode_json, normalize, split_envelope
 from router.journal import Journal
+from router.metrics import Latencies
 from router.plans import TrackingPlan
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,17 @@ def peer_context(sock: trio.socket.SocketType) -> dict[str, Any]:
 
 class UnixIngress:
     def __init__(
-        self, journal: Journal, source: SocketSource, *, clock: Callable[[], float] = time.time
+        self,
+        journal: Journal,
+        source: SocketSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        latencies: Latencies | None = None,
     ) -> None:
         self._journal = journal
         self._source = source
         self._clock = clock
+        self._latencies = latencies or Latencies()
 
     async def serve(
         self,
@@ -161,7 +168,9 @@ class UnixIngress:
         failure: dict[str, Any] | None = None
         if events or +tallies:
             try:
+                started = trio.current_time()
                 await self._journal.append(self._source.name, events, received_at, +tallies)
+                self._latencies.commit.observe(trio.current_time() - started)
             except IngestError as exc:
                 failure = _error_ack(exc)
             except RouterError as exc:
