@@ -16,6 +16,9 @@ Every write goes through one thread that takes whatever operations are waiting, 
 each in its own savepoint (so one bad operation fails alone), commits once, and only then
 wakes the waiters: many concurrent acks share one fsync.
 
+Space: ingest is refused (503) when the live pages reach ``max_bytes`` or the disk is full,
+and takes events again by itself once ``prune`` has deleted what every destination is done
+with (router/retention.py decides what may go) and given the pages back.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +39,16 @@ import trio
 
 from router.errors import JournalError, QueueFullError, RouterError
 from router.events import StoredEvent
+from router.retention import (
+    Choice,
+    Progress,
+    PruneReport,
+    age_cutoff,
+    choose,
+    prune_bound,
+    under_pressure,
+    warnings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,8 @@ CREATE TABLE IF NOT EXISTS retries(
     PRIMARY KEY(destination, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retries_by_due ON retries(destination, due);
+-- The pruner asks "is this slice of the log in anyone's retry set?" without a scan.
+CREATE INDEX IF NOT EXISTS retries_by_seq ON retries(seq);
 CREATE TABLE IF NOT EXISTS dead_letters(
     destination TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -104,6 +120,16 @@ WHERE NOT EXISTS (
     SELECT 1 FROM events WHERE source = ?1 AND message_id = ?2 AND received_at >= ?5
 )
 """
+
+# The newest seq ever handed out. Not max(seq): the pruner may delete the newest rows, and
+# a head that went back would start a new destination's cursor below events restored from
+# dead letters (or re-count them as unread).
+_HEAD = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+
+# A WAL file keeps the size of its largest moment (SQLite reuses it rather than shrinking
+# it). Past this limit, it is cut back whenever the log restarts after a checkpoint. Not
+# smaller: on a full disk the space the WAL already holds is what lets a prune commit.
+_WAL_SIZE_LIMIT = 64 * 1024**2
 
 Synchronous = Literal["full", "normal"]
 
@@ -194,6 +220,7 @@ class _Operation:
     done: trio.Event
     result: Any = None
     error: BaseException | None = None
+    bare: bool = False  # runs outside any transaction (a checkpoint cannot run inside one)
 
 
 _STOP = object()
@@ -234,10 +261,16 @@ def _prepare(
     conn = connect(path)
     check_integrity(conn, path)
     try:
+        # Before anything creates a table: SQLite fixes auto_vacuum with the first one, so
+        # only a new database takes this (and the pruner can then hand free pages back to
+        # the filesystem). An older database keeps auto_vacuum = NONE and works the same;
+        # its file just never shrinks (freed pages are reused by new events instead).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
         if mode != "wal":
             raise JournalError(f"{path}: cannot switch the queue to WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         if max_page_count is not None:
             conn.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
         with conn:
@@ -274,10 +307,13 @@ class Journal:
         self._clock = clock
         self._ops: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
-        self._head = _scalar(conn, "SELECT coalesce(max(seq), 0) FROM events")
+        self._head = _scalar(conn, _HEAD)
         self._head_changed = trio.Event()
+        self._refused = trio.Event()
         self._disk_full = False  # the writer thread's alone
         self._page_size = _scalar(conn, "PRAGMA page_size")
+        # Only a database created with auto_vacuum = INCREMENTAL (2) can give pages back.
+        self._can_shrink = _scalar(conn, "PRAGMA auto_vacuum") == 2
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
 
@@ -336,9 +372,7 @@ class Journal:
             cursors: dict[str, int] = {}
             for name in destinations:
                 conn.execute(
-                    "INSERT OR IGNORE INTO cursors VALUES (?, (SELECT coalesce(max(seq), 0)"
-                    " FROM events))",
-                    (name,),
+                    "INSERT OR IGNORE INTO cursors VALUES (?, ?)", (name, _scalar(conn, _HEAD))
                 )
                 conn.execute("INSERT OR IGNORE INTO counters(destination) VALUES (?)", (name,))
                 cursors[name] = _scalar(
@@ -359,11 +393,84 @@ class Journal:
         """
         return await self._submit(apply)
 
+    async def wait_refused(self) -> None:
+        """Wait until a write is next refused for want of space (the queue at ``max_bytes``
+        or the disk full): the pruner's cue not to wait for its next round."""
+        await self._refused.wait()
+
+    async def prune(
+        self,
+        *,
+        now: float,
+        retention: float,
+        max_bytes: int | None = None,
+        step: int = 1000,
+        max_steps: int = 1000,
+        vacuum_pages: int = 256,
+    ) -> PruneReport:
+        """Delete the events no destination needs any more (router/retention.py says which),
+        then give the freed pages back to the filesystem.
+
+        Every step is one short write on the writer thread, deleting at most ``step`` events
+        or giving back at most ``vacuum_pages`` pages, so ingest commits between steps.
+        Stops when nothing more can go, or after ``max_steps`` steps of each kind (then the
+        report is not ``complete``). ``max_bytes`` defaults to the journal's own limit.
+        """
+        limit = self._max_bytes if max_bytes is None else max_bytes
+        cutoff = age_cutoff(now, retention, self._dedupe_window)
+        progress = Progress()
+        for _ in range(max_steps):
+            started = trio.current_time()
+            choice, pressure, freed = await self._submit(
+                partial(
+                    self._prune_step,
+                    after=progress.after,
+                    cutoff=cutoff,
+                    max_bytes=limit,
+                    relieving=progress.relieving,
+                    step=step,
+                )
+            )
+            progress.add(choice, pressure=pressure, freed_pages=freed)
+            if progress.complete:
+                break
+            # Leave the writer to ingest for as long as the step took: a step shares its
+            # commit with the appends waiting then, so back-to-back steps would slow every
+            # ack to the pruner's pace.
+            await trio.sleep(trio.current_time() - started)
+        reclaimed = 0
+        if self._can_shrink:
+            for _ in range(max_steps):
+                started = trio.current_time()
+                shrunk: int = await self._submit(partial(_give_back, pages=vacuum_pages))
+                reclaimed += shrunk
+                if shrunk < vacuum_pages:
+                    break
+                await trio.sleep(trio.current_time() - started)
+            if reclaimed:
+                # Copy the WAL back now, so that the file shrinks on an idle queue too (a
+                # busy one checkpoints every ~1000 pages anyway). PASSIVE never waits for
+                # readers, so it holds up ingest no longer than an automatic checkpoint.
+                await self._submit(_checkpoint, bare=True)
+        live: int = await self._submit(self._live_bytes)
+        report = progress.report(
+            page_size=self._page_size, reclaimed_pages=reclaimed, live_bytes=live
+        )
+        for warning in warnings(report, now=now, retention=retention, max_bytes=limit):
+            log.warning("%s", warning)
+        if report.pruned or report.reclaimed_bytes:
+            log.info(
+                "pruned events=%d forced=%d freed_bytes=%d reclaimed_bytes=%d complete=%s",
+                *(report.pruned, report.forced, report.freed_bytes, report.reclaimed_bytes),
+                report.complete,
+            )
+        return report
+
     def reader(self) -> Reader:
         return Reader(self.path)
 
-    async def _submit(self, apply: _Apply) -> Any:
-        op = _Operation(apply=apply, done=trio.Event())
+    async def _submit(self, apply: _Apply, *, bare: bool = False) -> Any:
+        op = _Operation(apply=apply, done=trio.Event(), bare=bare)
         self._ops.put(op)
         with trio.CancelScope(shield=True):
             await op.done.wait()
@@ -398,10 +505,13 @@ class Journal:
                 self._commit_group(ops)
 
     def _commit_group(self, ops: list[_Operation]) -> None:
-        pending = ops
+        pending = [op for op in ops if not op.bare]
         while pending:
             pending = self._commit_once(pending)
-        head = _scalar(self._conn, "SELECT coalesce(max(seq), 0) FROM events")
+        for op in ops:
+            if op.bare:
+                self._apply(op)
+        head = _scalar(self._conn, _HEAD)
         try:
             self._token.run_sync_soon(self._finish, ops, head)
         except trio.RunFinishedError:
@@ -454,17 +564,20 @@ class Journal:
 
     def _apply(self, op: _Operation) -> None:
         conn = self._conn
+        inside = not op.bare
         op.error = None
         try:
-            conn.execute("SAVEPOINT op")
+            if inside:
+                conn.execute("SAVEPOINT op")
             op.result = op.apply(conn)
-            conn.execute("RELEASE op")
+            if inside:
+                conn.execute("RELEASE op")
         # Not apsw's ``with conn``: when SQLite has already dropped the transaction, its exit
         # fails on the missing savepoint and hides the FullError we need to answer 503.
         # Anything at all is caught: a bug in one operation must not kill this thread and
         # leave every waiter hanging.
         except Exception as exc:
-            if not conn.get_autocommit():
+            if inside and not conn.get_autocommit():
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
             if not isinstance(exc, RouterError | apsw.FullError):
@@ -472,8 +585,8 @@ class Journal:
             op.error = _map_error(exc, "queue write failed")
 
     def _refuse_if_full(self, conn: apsw.Connection) -> None:
-        # Live pages, not the file size: pages freed by deleting events are reused by new
-        # ones, so ingest resumes by itself once events have been deleted.
+        # Live pages, not the file size: pages freed by the pruner are reused by new events,
+        # so ingest resumes by itself once pruning has made room.
         live = self._live_bytes(conn)
         if live >= self._max_bytes:
             raise QueueFullError(
@@ -484,14 +597,59 @@ class Journal:
         free = _scalar(conn, "PRAGMA freelist_count")
         return (_scalar(conn, "PRAGMA page_count") - free) * self._page_size
 
+    def _prune_step(
+        self,
+        conn: apsw.Connection,
+        *,
+        after: int,
+        cutoff: float,
+        max_bytes: int,
+        relieving: bool,
+        step: int,
+    ) -> tuple[Choice, bool, int]:
+        """Delete the next events that may go, looking at no more than ``step`` rows after
+        seq ``after``; returns the choice, whether pressure forced it, and the pages freed.
+        Cursors, retries and the size are read in the transaction that deletes, so nothing a
+        dispatcher takes meanwhile can be pruned under it."""
+        pressure = under_pressure(self._live_bytes(conn), max_bytes, relieving=relieving)
+        cursors = [int(seq) for (seq,) in conn.execute("SELECT seq FROM cursors")]
+        rows: list[tuple[int, float]] = conn.execute(
+            "SELECT seq, received_at FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (after, prune_bound(cursors, _scalar(conn, _HEAD)), step),
+        ).fetchall()  # type: ignore[assignment]
+        pinned: set[int] = set()
+        if rows:
+            sql = "SELECT seq FROM retries WHERE seq BETWEEN ? AND ?"
+            pinned = {int(seq) for (seq,) in conn.execute(sql, (rows[0][0], rows[-1][0]))}
+        choice = choose(rows, pinned, cutoff=cutoff, pressure=pressure, more=len(rows) == step)
+        free_before = _scalar(conn, "PRAGMA freelist_count")
+        conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in choice.delete])
+        return choice, pressure, _scalar(conn, "PRAGMA freelist_count") - free_before
+
     def _finish(self, ops: list[_Operation], head: int) -> None:
-        """Runs in the trio thread: wake the waiters and the dispatchers."""
+        """Runs in the trio thread: wake the waiters, the dispatchers and the pruner."""
         for op in ops:
             op.done.set()
         if head != self._head:
             self._head = head
             self._head_changed.set()
             self._head_changed = trio.Event()
+        if any(isinstance(op.error, QueueFullError) for op in ops):
+            self._refused.set()
+            self._refused = trio.Event()
+
+
+def _give_back(conn: apsw.Connection, *, pages: int) -> int:
+    """Hand up to ``pages`` free pages back to the filesystem; returns how many went. Live
+    pages near the end of the file move into the holes, so this costs writes: in small
+    steps, like the deletes."""
+    before = _scalar(conn, "PRAGMA page_count")
+    conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+    return before - _scalar(conn, "PRAGMA page_count")
+
+
+def _checkpoint(conn: apsw.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _map_error(exc: BaseException, doing: str) -> BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,8 +21,10 @@ from router.journal import (
     Inspector,
     Journal,
     LoggedEvent,
+    RetryRow,
     open_journal,
 )
+from router.retention import age_cutoff, choose, prune_bound, under_pressure
 
 NOW = 1_800_000_000.0
 
@@ -109,8 +112,227 @@ async def test_outcomes_and_cursor_commit_together(tmp_path: Path):
     assert conn.execute("SELECT seq FROM cursors WHERE destination='hook'").fetchall() == [(3,)]
 
 
+# -- retention: what the pruner may delete (pure) -------------------------------------------
+
+DAY = 86400.0
+
+
+@pytest.mark.parametrize(
+    ("rows", "pinned", "pressure", "more", "deleted", "finished"),
+    [
+        # old rows go, the first young one ends the scan (the log is in arrival order)
+        ([(1, 10.0), (2, 20.0), (3, 150.0), (4, 30.0)], set(), False, True, [1, 2], True),
+        # a row in a retry set stays; the scan goes on past it
+        ([(1, 10.0), (2, 20.0), (3, 30.0)], {2}, False, False, [1, 3], True),
+        # the slice was cut at its size: more to look at later
+        ([(1, 10.0), (2, 20.0)], set(), False, True, [1, 2], False),
+        # under pressure age does not matter, retries still do
+        ([(1, 10.0), (2, 150.0), (3, 160.0)], {3}, True, False, [1, 2], True),
+        ([], set(), False, False, [], True),
+    ],
+)
+def test_choose_takes_old_unpinned_rows_in_order(rows, pinned, pressure, more, deleted, finished):
+    choice = choose(rows, pinned, cutoff=100.0, pressure=pressure, more=more)
+    assert (choice.delete, choice.finished) == (deleted, finished)
+
+
+def test_choose_counts_what_only_pressure_took():
+    rows = [(1, 10.0), (2, 150.0), (3, 170.0)]
+    choice = choose(rows, set(), cutoff=100.0, pressure=True, more=True)
+    assert (choice.forced, choice.newest_forced, choice.scanned_to) == (2, 170.0, 3)
+
+
+def test_the_bound_is_the_slowest_cursor_or_the_whole_log_without_destinations():
+    assert prune_bound([7, 3, 9], head=12) == 3
+    assert prune_bound([], head=12) == 12
+
+
+def test_pruning_never_reaches_into_the_dedupe_window():
+    assert age_cutoff(NOW, retention=7 * DAY, dedupe_window=DAY) == NOW - 7 * DAY
+    assert age_cutoff(NOW, retention=3600, dedupe_window=DAY) == NOW - DAY
+
+
+def test_pressure_starts_above_90_percent_and_goes_on_down_to_80():
+    assert not under_pressure(900, 1000, relieving=False)
+    assert under_pressure(901, 1000, relieving=False)
+    assert under_pressure(850, 1000, relieving=True)
+    assert not under_pressure(800, 1000, relieving=True)
+
+
+def test_the_retention_rules_stay_pure():
+    code = (
+        "import sys, router.retention; "
+        "bad = {'trio', 'sqlite3', 'apsw'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# -- retention on a real queue -----------------------------------------------------------------
+
+
 def sized(prefix: str, n: int, size: int = 1000) -> list[StoredEvent]:
     return [StoredEvent(f"{prefix}{i}", b"x" * size) for i in range(n)]
+
+
+def seqs(path: Path) -> list[int]:
+    return [e.seq for e in Inspector(path).events_after(0, 1_000_000)]
+
+
+def live_bytes(path: Path) -> int:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        pages, free, size = (
+            conn.execute(f"PRAGMA {name}").fetchall()[0][0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+        return int((pages - free) * size)
+    finally:
+        conn.close()
+
+
+def dead(event_seq: int, body: bytes) -> DeadRow:
+    return DeadRow(LoggedEvent(event_seq, "app", f"m{event_seq}", NOW, body), "gave up", 3, "[]")
+
+
+async def test_prune_keeps_what_a_cursor_a_retry_or_retention_still_needs(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path) as journal:
+        await journal.ensure_cursors(["hook", "slow"])
+        await journal.append("app", events(*(f"old{n}" for n in range(1, 7))), NOW - 8 * DAY)
+        await journal.append("app", events("young7", "young8"), NOW - 3600)
+        retry = RetryRow(2, due=NOW, attempts=1, first_attempt_at=NOW, history="[]")
+        await journal.record(
+            BatchRecord("hook", cursor=8, retries=[retry], dead=[dead(3, b'{"kept":1}')])
+        )
+        await journal.record(BatchRecord("slow", cursor=4))
+
+        report = await journal.prune(now=NOW, retention=7 * DAY)
+        # 1, 3, 4 are old and both destinations are past them; 2 waits in hook's retries;
+        # 5, 6 are past hook's cursor but not slow's; 7, 8 are younger than retention
+        assert (report.pruned, report.forced, report.pressure) == (3, 0, False)
+        assert report.complete
+        assert seqs(path) == [2, 5, 6, 7, 8]
+
+        await journal.record(BatchRecord("slow", cursor=8))
+        assert (await journal.prune(now=NOW, retention=7 * DAY)).pruned == 2
+        assert seqs(path) == [2, 7, 8]
+        # a dead letter keeps its own copy of the event once the log has let it go
+        letters = Inspector(path).dead_letters("hook")
+        assert [(d.seq, d.body) for d in letters] == [(3, b'{"kept":1}')]
+        assert journal.head == 8
+
+
+async def test_without_destinations_old_events_go_and_the_head_stays(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path) as journal:
+        await journal.append("app", events("a", "b", "c"), NOW - 8 * DAY)
+        assert (await journal.prune(now=NOW, retention=7 * DAY)).pruned == 3
+        assert seqs(path) == []
+        assert journal.head == 3
+    async with open_journal(path) as journal:
+        assert journal.head == 3  # seqs never go back, even with the log empty
+        assert await journal.ensure_cursors(["new"]) == {"new": 3}
+        await journal.append("app", events("d"), NOW)
+        assert seqs(path) == [4]
+
+
+async def test_prune_leaves_the_dedupe_window_alone(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path, dedupe_window=DAY) as journal:
+        await journal.append("app", events("a"), NOW - 2 * 3600)
+        assert (await journal.prune(now=NOW, retention=3600)).pruned == 0
+        assert await journal.append("app", events("a"), NOW) == 0  # still a duplicate
+
+
+async def test_disk_pressure_prunes_delivered_history_oldest_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    path = tmp_path / "queue.db"
+    limit = 400 * 1024
+    async with open_journal(path, max_bytes=limit) as journal:
+        await journal.ensure_cursors(["hook"])
+        while live_bytes(path) <= 0.85 * limit:
+            await journal.append("app", sized(f"a{journal.head}-", 10), NOW - 3600)
+        await journal.record(BatchRecord("hook", cursor=journal.head))
+        # young and under 90%: nothing goes
+        assert (await journal.prune(now=NOW, retention=7 * DAY)).pruned == 0
+
+        while live_bytes(path) <= 0.92 * limit:
+            await journal.append("app", sized(f"b{journal.head}-", 10), NOW - 60)
+        head = journal.head
+        await journal.record(BatchRecord("hook", cursor=head - 20))
+        report = await journal.prune(now=NOW, retention=7 * DAY, step=20)
+
+        assert report.pressure
+        assert report.forced == report.pruned > 0
+        assert report.forced_up_to == NOW - 3600  # only the older history was needed
+        assert 0.7 * limit < report.live_bytes <= 0.8 * limit  # down to 80%, a step at most
+        left = seqs(path)
+        assert left == list(range(left[0], head + 1))  # oldest first; undelivered all kept
+        assert any("younger than retention" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_full_queue_takes_events_again_after_pruning_without_a_restart(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path, max_bytes=256 * 1024) as journal:
+        await journal.ensure_cursors(["hook"])
+        refused = trio.Event()
+
+        async def watch() -> None:
+            await journal.wait_refused()
+            refused.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await fill_until_refused(journal)
+            with trio.fail_after(5):
+                await refused.wait()  # the pruner's cue
+
+        # nothing delivered yet: pressure cannot make room, and says so
+        report = await journal.prune(now=NOW, retention=7 * DAY)
+        assert (report.pruned, report.pressure) == (0, True)
+        with pytest.raises(QueueFullError):
+            await journal.append("app", events("late"), NOW)
+
+        await journal.record(BatchRecord("hook", cursor=journal.head))
+        report = await journal.prune(now=NOW, retention=7 * DAY)
+        assert report.pruned > 0
+        assert report.freed_bytes > 0
+        assert await journal.append("app", events("late"), NOW) == 1
+
+
+async def test_a_database_made_before_auto_vacuum_still_prunes_and_refills(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    legacy = apsw.Connection(str(path))
+    legacy.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID")
+    legacy.close()
+    async with open_journal(path, max_bytes=256 * 1024) as journal:
+        await journal.append("app", sized("a", 300), NOW - 8 * DAY)
+        with pytest.raises(QueueFullError):
+            await journal.append("app", sized("b", 300), NOW)
+        report = await journal.prune(now=NOW, retention=7 * DAY)
+        assert report.pruned == 300
+        assert report.reclaimed_bytes == 0  # its file cannot shrink...
+        assert await journal.append("app", sized("b", 300), NOW) == 300  # ...but is reused
+    conn = apsw.Connection(str(path))
+    assert conn.execute("PRAGMA auto_vacuum").fetchall() == [(0,)]
+
+
+async def test_the_file_shrinks_after_pruning(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path) as journal:
+        await journal.append("app", sized("m", 2000), NOW - 8 * DAY)
+        await journal.append("app", sized("n", 50), NOW)
+    full = path.stat().st_size
+    async with open_journal(path) as journal:
+        assert (await journal.prune(now=NOW, retention=7 * DAY)).pruned == 2000
+        assert path.stat().st_size < full / 10  # shrunk and checkpointed while still open
+    conn = apsw.Connection(str(path))
+    assert conn.execute("PRAGMA auto_vacuum").fetchall() == [(2,)]  # INCREMENTAL
+    assert conn.execute("PRAGMA freelist_count").fetchall() == [(0,)]
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert len(seqs(path)) == 50
 
 
 # -- a full disk -------------------------------------------------------------------------------
@@ -146,10 +368,16 @@ async def test_a_full_disk_refuses_whole_events_and_ingest_resumes(tmp_path: Pat
         assert integrity(path) == [("ok",)]
         assert Inspector(path).tallies("source", "app") == {"accepted": acked}
 
-        # room comes back
+        # room comes back: a bigger allowance...
         await journal.write(lambda conn: conn.execute("PRAGMA max_page_count = 120").fetchall())
         assert await journal.append("app", sized("more", 5), NOW) == 5
-    assert Inspector(path).event_count() == acked + 5
+        # ...or pruning what has been delivered
+        more = await fill_until_refused(journal)
+        await journal.record(BatchRecord("hook", cursor=journal.head))
+        assert (await journal.prune(now=NOW + 8 * DAY, retention=7 * DAY)).pruned > 0
+        assert await journal.append("app", sized("after", 5), NOW) == 5
+    assert Inspector(path).event_count() == 5  # all the rest was delivered and pruned
+    assert Inspector(path).tallies("source", "app")["accepted"] == acked + 5 + more + 5
     assert integrity(path) == [("ok",)]
 
 
