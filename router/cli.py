@@ -13,6 +13,7 @@ import typer
 
 from router.admission import load_plans
 from router.cli_common import ConfigOption, fail, load
+from router.cli_init import init_command
 from router.cli_operate import dlq_app, replay_command, status_command, tail_command
 from router.daemon import Daemon, build_destinations
 from router.destinations.base import Destination
@@ -133,6 +134,7 @@ async def _close_all(destinations: list[Destination]) -> None:
         await destination.aclose()
 
 
+app.command("init")(init_command)
 app.command("status")(status_command)
 app.command("replay")(replay_command)
 app.command("tail")(tail_command)
