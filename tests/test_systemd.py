@@ -1,4 +1,4 @@
-"""router.systemd against real sockets.
+"""router.systemd against real sockets, and the unit files in systemd/ against systemd's own tools.
 
 sd_notify is received on real AF_UNIX datagram sockets (a path and an abstract name); socket
 activation is exercised in a subprocess that inherits real listening sockets at fds 3 and 4
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from router import systemd
+from router.cli_init import SYSTEM, starter_text
+from router.config import parse_config
 from router.systemd import Notifier, SystemdError, listen_fds, notify, watchdog_interval
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
 
 # --- sd_notify ---------------------------------------------------------------------------------
 
@@ -314,3 +323,159 @@ def test_no_socket_activation() -> None:
 def test_a_malformed_count_is_an_error() -> None:
     with pytest.raises(SystemdError, match="LISTEN_FDS"):
         listen_fds({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "two"})
+
+
+# --- the unit files ----------------------------------------------------------------------------
+
+
+def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Sections of a unit file, each key with all its values in order (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key)
+    assert values is not None, f"{key} is missing"
+    assert len(values) == 1, f"{key}: {values}"
+    return values[0]
+
+
+def test_the_service_unit() -> None:
+    unit = read_unit(UNITS / "router.service")
+    service = unit["Service"]
+    config = "--config /etc/router/router.toml"
+    assert one(service, "Type") == "notify"
+    assert one(service, "NotifyAccess") == "main"
+    assert one(service, "ExecStart") == f"/opt/router/venv/bin/router run {config}"
+    assert one(service, "ExecStartPre") == f"/opt/router/venv/bin/router check {config}"
+    assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(service, "WatchdogSec") == "30"
+    assert one(service, "Restart") == "on-failure"
+    assert one(service, "StateDirectory") == "router"
+    assert one(service, "RuntimeDirectory") == "router"
+    assert one(service, "RuntimeDirectoryPreserve") == "yes"
+    assert one(service, "User") == "router"
+    assert one(service, "UMask") == "0077"
+    hardening = {
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+    }
+    assert {key: one(service, key) for key in hardening} == hardening
+    assert service["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    # Secrets: shown, not set (a LoadCredential= whose file is missing stops the service).
+    assert "#LoadCredential=" in (UNITS / "router.service").read_text()
+    assert one(unit["Install"], "WantedBy") == "multi-user.target"
+
+
+def test_the_socket_units_match_the_system_starter_config() -> None:
+    """router.socket, router-http.socket and `router init --system` name the same addresses."""
+    config = parse_config(
+        starter_text(Path("/etc/router/router.toml"), system=True, write_key="k"),
+        base_dir=Path("/etc/router"),
+    )
+    assert config.server.data_dir == Path(SYSTEM["data_dir"])
+    ingest = read_unit(UNITS / "router.socket")["Socket"]
+    assert one(ingest, "ListenStream") == str(config.server.socket_path)
+    assert one(ingest, "FileDescriptorName") == "socket"
+    assert int(one(ingest, "SocketMode"), 8) == config.server.socket_mode
+    assert (one(ingest, "SocketUser"), one(ingest, "SocketGroup")) == ("router", "router")
+    assert one(ingest, "Service") == "router.service"
+    http = read_unit(UNITS / "router-http.socket")["Socket"]
+    assert one(http, "ListenStream") == config.server.http
+    assert one(http, "FileDescriptorName") == "http"
+    assert one(http, "Service") == "router.service"
+    service = read_unit(UNITS / "router.service")["Service"]
+    assert Path("/var/lib") / one(service, "StateDirectory") == config.server.data_dir
+    assert config.server.socket_path is not None
+    assert Path("/run") / one(service, "RuntimeDirectory") == config.server.socket_path.parent
+
+
+@needs_analyze
+def test_security_exposure_is_at_most_2_and_as_the_unit_says() -> None:
+    assert ANALYZE is not None
+    done = subprocess.run(
+        [ANALYZE, "security", "--offline=true", "--no-pager", str(UNITS / "router.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for router\.service: (\d+\.\d+)", done.stdout)
+    assert found is not None, done.stdout + done.stderr
+    exposure = float(found.group(1))
+    assert exposure <= 2.0, done.stdout
+    claimed = re.search(
+        r"rates this unit\s*#?\s*(\d+\.\d+)", (UNITS / "router.service").read_text()
+    )
+    assert claimed is not None
+    assert float(claimed.group(1)) == exposure, "update the figure in router.service's comment"
+
+
+@needs_analyze
+def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
+    """Every key known and valid. The venv is not installed here, so ExecStart= points at a stub."""
+    assert ANALYZE is not None
+    stub = tmp_path / "router"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    names = ["router.service", "router.socket", "router-http.socket"]
+    for name in names:
+        text = (UNITS / name).read_text().replace("/opt/router/venv/bin/router", str(stub))
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(
+        [ANALYZE, "verify", *(str(tmp_path / name) for name in names)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_creates_the_router_user(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    sysusers = shutil.which("systemd-sysusers")
+    assert sysusers is not None
+    subprocess.run(
+        [sysusers, f"--root={tmp_path}", str(UNITS / "router.sysusers.conf")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    users = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
+    groups = {line.split(":")[0] for line in (tmp_path / "etc/group").read_text().splitlines()}
+    assert "router" in groups
+    _, _, uid, _, _, home, shell = users["router"]
+    assert 0 < int(uid) < 1000  # a system user
+    assert home == "/var/lib/router"
+    assert shell.strip().endswith("nologin")
