@@ -25,7 +25,7 @@ import msgspec
 import trio
 
 from router.destinations.base import Delivery, Destination
-from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.errors import PermanentDeliveryError, QueueFullError, RetryableDeliveryError
 from router.journal import (
     BatchRecord,
     DeadRow,
@@ -124,6 +124,10 @@ class Dispatcher:
             reader.close()
             with trio.CancelScope(shield=True):
                 await self._destination.aclose()
+
+    def set_pipeline(self, pipeline: Pipeline) -> None:
+        """New routes (a reload): batches already prepared go as they are; the next use this."""
+        self._pipeline = pipeline
 
     def stop(self) -> None:
         """Stop taking new work; batches in flight go on."""
@@ -229,7 +233,7 @@ class Dispatcher:
                 released += 1
             if not released:
                 return
-            await self._journal.record(merged)
+            await self._record(merged)
             self._cursor = merged.cursor or self._cursor
             if merged.retries:
                 self._wake_retries()
@@ -279,7 +283,7 @@ class Dispatcher:
                     history=pending.history,
                     from_retry_set=True,
                 )
-            await self._journal.record(record)
+            await self._record(record)
         finally:
             self._retrying.difference_update(p.event.seq for p in due)
             self._slots.release()
@@ -288,6 +292,23 @@ class Dispatcher:
     def retries_changed(self) -> None:
         """Someone else (a replay) put events in this destination's retry set: look again."""
         self._wake_retries()
+
+    async def _record(self, record: BatchRecord) -> None:
+        """Commit what a batch came to. The disk may be full just now: the outcome is kept and
+        committed once there is room (pruning makes some), so delivery keeps draining."""
+        waited = False
+        while True:
+            try:
+                await self._journal.record(record)
+            except QueueFullError:
+                if not waited:
+                    log.warning(
+                        "cannot record deliveries, disk full destination=%s", self.settings.name
+                    )
+                    waited = True
+                await trio.sleep(1.0)
+            else:
+                return
 
     def _wake_retries(self) -> None:
         self._retries_changed.set()

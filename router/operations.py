@@ -87,8 +87,10 @@ def queue_replay(
     """Put ``seqs`` in ``destination``'s retry set, due now or ``rate`` per second. Events
     already waiting there keep their place. Returns how many were queued."""
     before = conn.total_changes()
+    # Only events still in the log: pruning may have taken one since it was selected.
     conn.executemany(
-        "INSERT OR IGNORE INTO retries VALUES (?, ?, ?, 0, ?, '[]')",
+        "INSERT OR IGNORE INTO retries SELECT ?1, ?2, ?3, 0, ?4, '[]' "
+        "WHERE EXISTS (SELECT 1 FROM events WHERE seq = ?2)",
         ((destination, seq, now + (i / rate if rate else 0.0), now) for i, seq in enumerate(seqs)),
     )
     queued = conn.total_changes() - before

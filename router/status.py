@@ -108,7 +108,7 @@ def _journal(conn: apsw.Connection, path: Path, head: int, now: float) -> dict[s
     return {
         "path": str(path),
         "bytes": size,
-        "events": 0 if not first else head - int(first[0][0]) + 1,  # type: ignore[arg-type]
+        "events": _one(conn, "SELECT count(*) FROM events"),
         "head": head,
         "oldest_age_seconds": round(now - float(first[0][1]), 3) if first else None,  # type: ignore[arg-type]
     }
