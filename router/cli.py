@@ -12,7 +12,7 @@ import trio
 import typer
 
 from router.admission import load_plans
-from router.cli_common import ConfigOption, fail, load
+from router.cli_common import ConfigOption, fail, load, locate
 from router.cli_init import init_command
 from router.cli_operate import dlq_app, replay_command, status_command, tail_command
 from router.daemon import Daemon, build_destinations
@@ -44,11 +44,12 @@ def _only_router_error(group: BaseExceptionGroup[BaseException]) -> RouterError 
 
 @app.command()
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config."""
     setup_logging(log_level)
     try:
-        loaded = load(config)
-        trio.run(Daemon(loaded).run)
+        path = locate(config)
+        loaded = load(path)
+        trio.run(Daemon(loaded, config_path=path).run)
     except RouterError as exc:
         raise fail(exc) from exc
     except BaseExceptionGroup as group:

@@ -24,13 +24,16 @@ ConfigOption = Annotated[
 ]
 
 
-def load(config: Path | None) -> Config:
+def locate(config: Path | None) -> Path | None:
+    """The config file a command uses; None for the embedded default."""
     if config is not None:
-        return load_config(config)
-    for candidate in CONFIG_SEARCH:
-        if candidate.is_file():
-            return load_config(candidate)
-    return default_config()
+        return config
+    return next((c for c in CONFIG_SEARCH if c.is_file()), None)
+
+
+def load(config: Path | None) -> Config:
+    path = locate(config)
+    return default_config() if path is None else load_config(path)
 
 
 def fail(message: object) -> typer.Exit:

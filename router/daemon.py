@@ -12,6 +12,8 @@ import fcntl
 import logging
 import os
 import signal
+import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,11 +24,12 @@ import trio
 
 from router.admin import AdminApi, authorized, serve_admin
 from router.admission import load_plans
-from router.config import Config, DestinationConfig
+from router.config import Config, DestinationConfig, load_config
 from router.destinations import build, discover
 from router.destinations.base import BuildContext, Destination
-from router.dispatch import Dispatcher, DispatchSettings
+from router.dispatch import DispatchSettings
 from router.errors import RouterError
+from router.fleet import Fleet
 from router.ingress.http import HttpLimits, HttpServer, Request, Response
 from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
@@ -34,6 +37,7 @@ from router.journal import Journal, open_journal
 from router.metrics import CONTENT_TYPE, Latencies, render
 from router.pipeline import Pipeline, pipelines
 from router.plans import TrackingPlan
+from router.reload import ReloadPlan, plan_reload
 from router.transforms import configured_transforms
 
 log = logging.getLogger(__name__)
@@ -83,13 +87,17 @@ def data_dir_lock(config: Config) -> Iterator[None]:
 @dataclass
 class Daemon:
     config: Config
+    config_path: Path | None = None  # what a reload reads again; None: the embedded default
     ready: bool = False
     segment: SegmentApi | None = None
+    unix: UnixIngress | None = None
+    http: HttpServer | None = None
     admin: AdminApi | None = None
+    fleet: Fleet | None = None
     latencies: Latencies = field(default_factory=Latencies)
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
     plans: dict[str, TrackingPlan] = field(default_factory=dict)
-    dispatchers: list[Dispatcher] = field(default_factory=list)
+    reloads: Counter[str] = field(default_factory=Counter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -114,11 +122,18 @@ class Daemon:
         config = self.config
         cursors = await journal.ensure_cursors(list(destinations))
         with (
-            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
             trio.CancelScope() as dispatch_scope,
         ):
             async with trio.open_nursery() as dispatch_nursery:
-                await self._start_dispatchers(journal, destinations, cursors, dispatch_nursery)
+                fleet = self.fleet = Fleet(
+                    journal, dispatch_nursery, self.latencies, config.server.shutdown_grace
+                )
+                self.pipelines = pipelines(config, configured_transforms(config))
+                for name, destination in destinations.items():
+                    settings = _settings(config.destinations[name])
+                    await fleet.start(settings, destination, cursors[name], self.pipelines[name])
+                dispatch_nursery.start_soon(self._prune_loop, journal)
                 async with trio.open_nursery() as ingress_nursery:
                     await self._start_admin(journal, ingress_nursery)
                     http = await self._start_ingress(journal, ingress_nursery)
@@ -126,6 +141,9 @@ class Daemon:
                     log.info("router ready data_dir=%s", config.server.data_dir)
                     task_status.started()
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            await self.reload(journal)
+                            continue
                         log.info("stopping signal=%s", signal.Signals(signum).name)
                         break
                     self.ready = False
@@ -136,44 +154,99 @@ class Daemon:
                 _remove_socket(config.server.admin_socket_path)
                 # Deliveries in flight get the grace period; past it they are cut off and
                 # retried after the next start (at-least-once).
-                for dispatcher in self.dispatchers:
-                    dispatcher.stop()
+                fleet.stop_all()
                 dispatch_scope.deadline = trio.current_time() + config.server.shutdown_grace
         if dispatch_scope.cancelled_caught:
             log.warning("deliveries were still in flight at the end of the grace period")
 
-    async def _start_dispatchers(
+    async def _prune_loop(self, journal: Journal) -> None:
+        """Retention: every minute, or at once when ingest is refused for space. The journal
+        prunes in short steps between ingest commits and logs what it did."""
+        while True:
+            queue = self.config.queue
+            try:
+                report = await journal.prune(
+                    now=time.time(), retention=queue.retention, max_bytes=queue.max_bytes
+                )
+            except RouterError:
+                log.exception("prune failed")
+                report = None
+            if report is not None and not report.complete:
+                continue  # its step budget ran out: go on
+            with trio.move_on_after(60):
+                await journal.wait_refused()
+
+    async def reload(self, journal: Journal) -> bool:
+        """Read the config file again and apply it; a bad file keeps the running config."""
+        log.info("reloading config=%s", self.config.file)
+        try:
+            new = self.config if self.config_path is None else load_config(self.config_path)
+            plans = load_plans(new)
+            plan = plan_reload(self.config, new)
+            fresh = {
+                name: destination
+                for name, destination in build_destinations(new).items()
+                if name in plan.start | plan.restart
+            }
+            routed = pipelines(new, configured_transforms(new))
+        except RouterError as exc:
+            self.reloads["failed"] += 1
+            log.error("reload failed; the running config stays: %s", exc)  # noqa: TRY400
+            return False
+        for key in plan.needs_restart:
+            log.warning("reload cannot change %s: restart router to apply it", key)
+        # Settings only a restart can change keep their running values.
+        new = msgspec.structs.replace(new, server=self.config.server, queue=self.config.queue)
+        await self._apply(journal, new, plan, fresh, routed, plans)
+        self.reloads["ok"] += 1
+        log.info(
+            "reloaded kept=%d restarted=%d started=%d stopped=%d",
+            len(plan.keep),
+            len(plan.restart),
+            len(plan.start),
+            len(plan.stop),
+        )
+        return True
+
+    async def _apply(
         self,
         journal: Journal,
-        destinations: dict[str, Destination],
-        cursors: dict[str, int],
-        nursery: trio.Nursery,
+        new: Config,
+        plan: ReloadPlan,
+        fresh: dict[str, Destination],
+        routed: dict[str, Pipeline],
+        plans: dict[str, TrackingPlan],
     ) -> None:
-        self.pipelines = routed = pipelines(self.config, configured_transforms(self.config))
-        for name, destination in destinations.items():
-            pipeline = routed[name]
-            if not pipeline.routes:
-                log.warning("destination has no route: it takes replays only destination=%s", name)
-            dispatcher = Dispatcher(
-                _settings(self.config.destinations[name]),
-                destination,
-                journal,
-                cursor=cursors[name],
-                pipeline=pipeline,
-                latencies=self.latencies,
+        fleet = self.fleet
+        assert fleet is not None
+        for name in sorted(plan.stop | plan.restart):
+            await fleet.stop(name)  # its batches in flight commit first: the cursor is exact
+        cursors = await journal.ensure_cursors(sorted(plan.start | plan.restart))
+        for name in plan.keep:
+            fleet.set_pipeline(name, routed[name])
+        for name in sorted(plan.start | plan.restart):
+            await fleet.start(
+                _settings(new.destinations[name]), fresh[name], cursors[name], routed[name]
             )
-            self.dispatchers.append(dispatcher)
-            await nursery.start(dispatcher.run)
+        self.config, self.plans = new, plans
+        self.pipelines.clear()
+        self.pipelines.update(routed)
+        if self.admin is not None:
+            self.admin.config = new
+        if self.segment is not None:
+            self.segment.reconfigure(new.http, list(new.sources.values()), plans)
+        if self.http is not None:
+            self.http.limits = HttpLimits(max_body_bytes=new.http.max_request_bytes)
+        if self.unix is not None:
+            source = new.sources.get(self.unix.source.name)
+            if source is not None:
+                self.unix.source = SocketSource(source.name, source.raw, plans.get(source.name))
 
     async def _start_admin(self, journal: Journal, nursery: trio.Nursery) -> None:
         """The control channel for the CLI: owner-only, so file permissions authenticate."""
-        by_name = {d.settings.name: d for d in self.dispatchers}
-
-        def wake(destination: str) -> None:
-            if destination in by_name:
-                by_name[destination].retries_changed()
-
-        self.admin = AdminApi(self.config, journal, self.pipelines, wake)
+        fleet = self.fleet
+        assert fleet is not None
+        self.admin = AdminApi(self.config, journal, self.pipelines, fleet.wake)
         sock = bind_unix_socket(self.config.server.admin_socket_path, 0o600)
         await nursery.start(serve_admin, self.admin, sock)
         nursery.start_soon(self.admin.sample_rates)
@@ -185,7 +258,7 @@ class Daemon:
             source = config.sources[config.socket_source]
             sock = bind_unix_socket(socket_path, config.server.socket_mode)
             plan = self.plans.get(source.name)
-            ingress = UnixIngress(
+            ingress = self.unix = UnixIngress(
                 journal, SocketSource(source.name, source.raw, plan), latencies=self.latencies
             )
             await nursery.start(ingress.serve, sock)
@@ -201,7 +274,7 @@ class Daemon:
             latencies=self.latencies,
         )
         limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
-        http = HttpServer(
+        http = self.http = HttpServer(
             self._handle_http, limits=limits, error_headers=self.segment.error_headers
         )
         port = await nursery.start(http.serve, address[0], address[1])

@@ -326,3 +326,61 @@ def test_metrics_are_valid_prometheus_text_and_agree_with_status(
         assert samples["router_delivery_seconds_count", hook] >= 2
     finally:
         receiver.close()
+
+
+def test_a_full_queue_refuses_then_recovers_by_itself(tmp_path: Path, daemons: list[Daemon]):
+    """Over max_bytes ingest answers 503; once the destination drains, pruning makes room
+    and ingest resumes without a restart. Every acked event is delivered."""
+    down = threading.Event()
+    down.set()
+    receiver = Receiver(policy=lambda _r, _i: (503, {}, b"") if down.is_set() else (200, {}, b""))
+    try:
+        body = config(("hook", receiver)).replace(
+            FAST_RETRY, 'retry = { initial = "100ms", max_backoff = "200ms" }'
+        )
+        daemon = Daemon(tmp_path, body, queue='max_bytes = "400KiB"\nretention = "1h"').start()
+        daemons.append(daemon)
+        url = f"http://127.0.0.1:{daemon.port}/v1/batch"
+        acked: list[str] = []
+        refused = None
+        for n in range(200):
+            ids = [f"f-{n}-{i}" for i in range(20)]
+            batch = [
+                {
+                    "type": "track",
+                    "userId": "u",
+                    "event": "E",
+                    "messageId": m,
+                    "properties": {"pad": "x" * 400},
+                }
+                for m in ids
+            ]
+            response = httpx.post(url, json={"batch": batch}, auth=("wk", ""))
+            if response.status_code == 503:
+                refused = response
+                break
+            assert response.status_code == 200
+            acked += ids
+        assert refused is not None, "the queue never filled"
+        assert refused.json()["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) > 0
+
+        down.clear()  # the receiver is back: deliveries drain, pruning makes room
+        deadline = time.monotonic() + 60
+        while True:
+            batch = [{"type": "track", "userId": "u", "event": "E", "messageId": "after-full"}]
+            response = httpx.post(url, json={"batch": batch}, auth=("wk", ""))
+            if response.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert response.status_code == 200
+        acked.append("after-full")
+        delivered = set(receiver.wait_for(len(acked), timeout=60))
+        assert not set(acked) - delivered
+        shown = settle(daemon, ["hook"])["destinations"]["hook"]
+        assert (
+            shown["routed"]
+            == shown["delivered"] + shown["dead_lettered"] + shown["filtered"] + shown["pending"]
+        )
+    finally:
+        receiver.close()

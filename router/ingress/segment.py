@@ -239,6 +239,18 @@ class SegmentApi:
         # flood of unauthenticated requests must not cost a disk commit each.
         self.unauthorized = 0
 
+    def reconfigure(
+        self,
+        limits: HttpConfig,
+        sources: Sequence[SourceConfig],
+        plans: Mapping[str, TrackingPlan],
+    ) -> None:
+        """A reload's new write keys, limits and plans; requests in progress finish as begun."""
+        self.limits = limits
+        self._by_key = {s.write_key.reveal(): s for s in sources if s.write_key is not None}
+        self._plans = plans
+        self._trusted = limits.trusted_networks
+
     async def handle(self, request: Request) -> Response:
         origin = request.headers.get("origin")
         allowed = self.limits.cors_origins

@@ -109,7 +109,7 @@ class UnixIngress:
         latencies: Latencies | None = None,
     ) -> None:
         self._journal = journal
-        self._source = source
+        self.source = source
         self._clock = clock
         self._latencies = latencies or Latencies()
 
@@ -162,14 +162,14 @@ class UnixIngress:
             else:
                 tallies["invalid_event"] += line.rejected
                 line.events = admit(
-                    self._source.plan, line.events, received_at=received_at, tallies=tallies
+                    self.source.plan, line.events, received_at=received_at, tallies=tallies
                 )
         events = [event for line in lines if line.ack is None for event in line.events]
         failure: dict[str, Any] | None = None
         if events or +tallies:
             try:
                 started = trio.current_time()
-                await self._journal.append(self._source.name, events, received_at, +tallies)
+                await self._journal.append(self.source.name, events, received_at, +tallies)
                 self._latencies.commit.observe(trio.current_time() - started)
             except IngestError as exc:
                 failure = _error_ack(exc)
@@ -205,7 +205,7 @@ class UnixIngress:
                         item,
                         received_at=received_at,
                         sent_at=envelope.sent_at,
-                        raw=self._source.raw,
+                        raw=self.source.raw,
                         context_extra=context,
                     )
                 )
