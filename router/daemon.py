@@ -9,15 +9,19 @@ destination sees everything acked after it was configured), and listeners bind l
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
+import math
 import os
 import signal
+import socket as stdlib_socket
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
@@ -38,6 +42,7 @@ from router.metrics import CONTENT_TYPE, Latencies, render
 from router.pipeline import Pipeline, pipelines
 from router.plans import TrackingPlan
 from router.reload import ReloadPlan, plan_reload
+from router.systemd import Notifier, listen_fds, watchdog_interval
 from router.transforms import configured_transforms
 
 log = logging.getLogger(__name__)
@@ -98,9 +103,14 @@ class Daemon:
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
     plans: dict[str, TrackingPlan] = field(default_factory=dict)
     reloads: Counter[str] = field(default_factory=Counter)
+    notifier: Notifier = field(default_factory=Notifier.from_environ)
+    # Listening sockets systemd handed over (socket activation), by FileDescriptorName.
+    activated: dict[str, list[stdlib_socket.socket]] = field(default_factory=dict)
+    bound: list[Path] = field(default_factory=list)  # socket files we made, removed at the end
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        self.activated = listen_fds()
         self.plans = load_plans(config)
         destinations = build_destinations(config)
         with data_dir_lock(config):
@@ -139,25 +149,48 @@ class Daemon:
                     http = await self._start_ingress(journal, ingress_nursery)
                     self.ready = True
                     log.info("router ready data_dir=%s", config.server.data_dir)
+                    # Only now: the queue is open and every listener is bound.
+                    self.notifier.ready()
+                    ingress_nursery.start_soon(self._tell_systemd)
                     task_status.started()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
+                            self.notifier.reloading()
                             await self.reload(journal)
+                            self.notifier.ready()
                             continue
                         log.info("stopping signal=%s", signal.Signals(signum).name)
                         break
+                    self.notifier.stopping()
                     self.ready = False
                     if http is not None:
                         await http.shutdown(config.server.shutdown_grace)
                     ingress_nursery.cancel_scope.cancel()
-                _remove_socket(config.server.socket_path)
-                _remove_socket(config.server.admin_socket_path)
+                for path in self.bound:
+                    _remove_socket(path)
                 # Deliveries in flight get the grace period; past it they are cut off and
                 # retried after the next start (at-least-once).
                 fleet.stop_all()
                 dispatch_scope.deadline = trio.current_time() + config.server.shutdown_grace
         if dispatch_scope.cancelled_caught:
             log.warning("deliveries were still in flight at the end of the grace period")
+
+    async def _tell_systemd(self) -> None:
+        """WATCHDOG=1 from the event loop itself, so a stuck loop misses it and systemd
+        restarts us; STATUS= with what an operator wants from `systemctl status`."""
+        interval = watchdog_interval()
+        if not self.notifier.enabled:
+            return
+        every = min(interval, 10.0) if interval is not None else 10.0
+        last_status = -math.inf
+        while True:
+            if interval is not None:
+                self.notifier.watchdog()
+            now = trio.current_time()
+            if now - last_status >= 10.0 and self.admin is not None:
+                last_status = now
+                self.notifier.status(_status_line(await self.admin.handle({"op": "status"})))
+            await trio.sleep(every)
 
     async def _prune_loop(self, journal: Journal) -> None:
         """Retention: every minute, or at once when ingest is refused for space. The journal
@@ -248,6 +281,7 @@ class Daemon:
         assert fleet is not None
         self.admin = AdminApi(self.config, journal, self.pipelines, fleet.wake)
         sock = bind_unix_socket(self.config.server.admin_socket_path, 0o600)
+        self.bound.append(self.config.server.admin_socket_path)
         await nursery.start(serve_admin, self.admin, sock)
         nursery.start_soon(self.admin.sample_rates)
 
@@ -256,7 +290,10 @@ class Daemon:
         socket_path = config.server.socket_path
         if socket_path is not None and config.socket_source is not None:
             source = config.sources[config.socket_source]
-            sock = bind_unix_socket(socket_path, config.server.socket_mode)
+            sock = self._take("socket")
+            if sock is None:  # not socket-activated: ours to bind, and to remove at the end
+                sock = bind_unix_socket(socket_path, config.server.socket_mode)
+                self.bound.append(socket_path)
             plan = self.plans.get(source.name)
             ingress = self.unix = UnixIngress(
                 journal, SocketSource(source.name, source.raw, plan), latencies=self.latencies
@@ -277,9 +314,20 @@ class Daemon:
         http = self.http = HttpServer(
             self._handle_http, limits=limits, error_headers=self.segment.error_headers
         )
-        port = await nursery.start(http.serve, address[0], address[1])
+        port = await nursery.start(
+            functools.partial(http.serve, inherited=self._take("http")), address[0], address[1]
+        )
         log.info("listening http=%s:%s", address[0], port)
         return http
+
+    def _take(self, name: str) -> stdlib_socket.socket | None:
+        """A socket systemd passed under ``name``, if it did (socket activation)."""
+        passed = self.activated.get(name)
+        if not passed:
+            return None
+        sock = passed.pop(0)
+        log.info("using the %s socket from systemd address=%s", name, sock.getsockname())
+        return sock
 
     async def _handle_http(self, request: Request) -> Response:
         if is_segment_path(request.path) and self.segment is not None:
@@ -289,7 +337,9 @@ class Daemon:
         if request.path == "/metrics" and self.admin is not None:
             shown = await self.admin.handle({"op": "status"})
             dropped = self.segment.unauthorized if self.segment is not None else 0
-            text = render(shown, self.latencies, unauthorized=dropped).encode()
+            text = render(
+                shown, self.latencies, unauthorized=dropped, reloads=self.reloads
+            ).encode()
             return Response(200, text, [("content-type", CONTENT_TYPE)])
         if request.path == "/health":
             return _json(200, {"status": "ok"})
@@ -317,10 +367,20 @@ class Daemon:
         return _json(200 if answer.get("ok") else 400, answer)
 
 
-def _remove_socket(path: Path | None) -> None:
+def _status_line(shown: dict[str, Any]) -> str:
+    if not shown.get("ok"):
+        return "status unavailable"
+    destinations = shown["destinations"].values()
+    rate = sum(d["rate_per_second"] or 0 for d in destinations)
+    pending = sum(d["pending"] + d["unread"] for d in destinations)
+    dead = sum(d["dead_letters"] for d in destinations)
+    return f"delivering {rate:.0f} events/s; backlog {pending}; dead letters {dead}"
+
+
+def _remove_socket(path: Path) -> None:
     # Only on a clean stop: a socket file left behind tells the next start nothing it needs,
     # and the data directory lock means no other router can own it.
-    if path is not None and path.is_socket():
+    if path.is_socket():
         path.unlink()
 
 

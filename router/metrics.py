@@ -60,7 +60,13 @@ class Latencies:
         self.delivery.setdefault(destination, Histogram()).observe(seconds)
 
 
-def render(status: Mapping[str, Any], latencies: Latencies, *, unauthorized: int = 0) -> str:
+def render(
+    status: Mapping[str, Any],
+    latencies: Latencies,
+    *,
+    unauthorized: int = 0,
+    reloads: Mapping[str, int] | None = None,
+) -> str:
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -120,6 +126,10 @@ def render(status: Mapping[str, Any], latencies: Latencies, *, unauthorized: int
     out.append(f"router_journal_bytes {journal['bytes']}")
     family("router_journal_events", "gauge", "Events in the queue (kept for replay).")
     out.append(f"router_journal_events {journal['events']}")
+
+    family("router_reloads_total", "counter", "Config reloads (SIGHUP) by result, since start.")
+    for result in ("ok", "failed"):
+        out.append(f'router_reloads_total{{result="{result}"}} {(reloads or {}).get(result, 0)}')
 
     family("router_commit_seconds", "histogram", "Journal commit latency (ack waits on it).")
     out += latencies.commit.lines("router_commit_seconds")

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import math
+import socket as stdlib_socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -414,10 +415,19 @@ class HttpServer:
         self._closed = trio.Event()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        inherited: stdlib_socket.socket | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the bound port through ``task_status``, serve until closed or cancelled."""
-        listener = await _bind(host, port)
+        """Bind (or take ``inherited``, a listening socket from socket activation), report the
+        bound port through ``task_status``, serve until closed or cancelled."""
+        if inherited is not None:
+            listener = trio.socket.from_stdlib_socket(inherited)
+        else:
+            listener = await _bind(host, port)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
