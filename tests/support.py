@@ -139,11 +139,11 @@ class Daemon:
         self.stderr_path = tmp_path / "stderr.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 20.0, *args: str) -> Daemon:
         # The child keeps its own copies of the log descriptors; ours close at once.
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "router", "run", "--config", str(self.config_path)],
+                [sys.executable, "-m", "router", "run", "--config", str(self.config_path), *args],
                 stdout=out,
                 stderr=err,
                 cwd=self.dir,

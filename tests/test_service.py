@@ -243,3 +243,34 @@ def test_socket_activation_uses_the_sockets_systemd_passes(tmp_path: Path, recei
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     assert ingest.is_socket()  # systemd's socket file: not ours to remove
+
+
+def test_logs_are_json_lines_and_never_hold_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    secrets = {"HOOK_SECRET": "whsec_c2VjcmV0LWZvci1sb2dz", "ADMIN": "admin-t0ken-xyz"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    failing = Receiver(policy=lambda _r, _i: (500, {}, b"server error"))
+    body = HOOK.format(url=failing.url) + '\n[destinations.a.retry]\ninitial = "50ms"\n'
+    body = body.replace('batch_wait = "10ms"', 'batch_wait = "10ms"\nsecret = "env:HOOK_SECRET"')
+    daemon = Daemon(tmp_path, body, server='admin_token = "env:ADMIN"')
+    try:
+        daemon.start(20.0, "--log-level", "debug")
+        assert post(daemon.port, ["l-1"]) == 200
+        failing.wait_for(0)
+        time.sleep(1.5)  # a few failed attempts, logged
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)  # a reload logs too
+        time.sleep(1)
+    finally:
+        daemon.stop()
+        failing.close()
+    lines = daemon.stderr().splitlines()
+    assert len(lines) > 5
+    for line in lines:
+        entry = json.loads(line)  # stderr is not a terminal: JSON lines for journald
+        assert {"ts", "level", "logger", "msg"} <= entry.keys()
+    for value in secrets.values():
+        assert value not in daemon.stderr()
+        assert value not in daemon.stdout_path.read_text()
