@@ -147,6 +147,14 @@ class Daemon:
                 async with trio.open_nursery() as ingress_nursery:
                     await self._start_admin(journal, ingress_nursery)
                     http = await self._start_ingress(journal, ingress_nursery)
+                    for name, unused in self.activated.items():
+                        for sock in unused:  # a socket unit the config does not listen on
+                            log.warning(
+                                "systemd passed a socket the config does not use "
+                                "name=%s address=%s",
+                                name,
+                                sock.getsockname(),
+                            )
                     self.ready = True
                     log.info("router ready data_dir=%s", config.server.data_dir)
                     # Only now: the queue is open and every listener is bound.
