@@ -93,6 +93,8 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_event_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 500 * 1024
     max_batch_events: Annotated[int, msgspec.Meta(ge=1)] = 2500
+    # Open connections served at once; beyond it a connection is answered 503 and closed.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1024
     # Peers whose X-Forwarded-For is believed when filling context.ip (addresses or CIDRs).
     trusted_proxies: tuple[str, ...] = ()
     # Origins browsers may post from; "*" allows any.

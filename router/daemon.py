@@ -277,7 +277,10 @@ class Daemon:
         if self.segment is not None:
             self.segment.reconfigure(new.http, list(new.sources.values()), plans)
         if self.http is not None:
-            self.http.limits = HttpLimits(max_body_bytes=new.http.max_request_bytes)
+            self.http.limits = HttpLimits(
+                max_body_bytes=new.http.max_request_bytes,
+                max_connections=new.http.max_connections,
+            )
         if self.unix is not None:
             source = new.sources.get(self.unix.source.name)
             if source is not None:
@@ -318,7 +321,10 @@ class Daemon:
             plans=self.plans,
             latencies=self.latencies,
         )
-        limits = HttpLimits(max_body_bytes=config.http.max_request_bytes)
+        limits = HttpLimits(
+            max_body_bytes=config.http.max_request_bytes,
+            max_connections=config.http.max_connections,
+        )
         http = self.http = HttpServer(
             self._handle_http, limits=limits, error_headers=self.segment.error_headers
         )
