@@ -226,13 +226,16 @@ class _Operation:
 _STOP = object()
 
 
-def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
-    """Open the database, mapping "this is not a usable queue" to a clear JournalError."""
+def connect(path: Path, *, readonly: bool = False, vfs: str | None = None) -> apsw.Connection:
+    """Open the database, mapping "this is not a usable queue" to a clear JournalError.
+
+    ``vfs`` names a registered SQLite VFS other than the default: only tests use it (one that
+    simulates power loss by dropping writes not yet synced)."""
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
         flags |= apsw.SQLITE_OPEN_CREATE
     try:
-        conn = apsw.Connection(str(path), flags=flags)
+        conn = apsw.Connection(str(path), flags=flags, vfs=vfs)
         conn.set_busy_timeout(5000)
         conn.execute("PRAGMA foreign_keys = OFF")
     except apsw.Error as exc:
@@ -256,9 +259,12 @@ def check_integrity(conn: apsw.Connection, path: Path) -> None:
 
 
 def _prepare(
-    path: Path, synchronous: Synchronous, max_page_count: int | None = None
+    path: Path,
+    synchronous: Synchronous,
+    max_page_count: int | None = None,
+    vfs: str | None = None,
 ) -> apsw.Connection:
-    conn = connect(path)
+    conn = connect(path, vfs=vfs)
     check_integrity(conn, path)
     try:
         # Before anything creates a table: SQLite fixes auto_vacuum with the first one, so
@@ -826,15 +832,19 @@ async def open_journal(
     dedupe_window: float = 24 * 3600.0,
     max_bytes: int = 10 * 1024**3,
     max_page_count: int | None = None,
+    vfs: str | None = None,
 ) -> AsyncIterator[Journal]:
     """Open (creating if needed) and check the queue, run its writer, close it cleanly.
 
     ``max_page_count`` caps the file at that many pages (SQLite's own limit, answered like a
     full disk): for tests, and for small devices that want a hard ceiling under
     ``max_bytes``. It cannot go below the pages the file already has.
+
+    ``vfs`` is for tests only: the writer connection goes through that registered SQLite VFS
+    (readers keep the default one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = await trio.to_thread.run_sync(_prepare, path, synchronous, max_page_count)
+    conn = await trio.to_thread.run_sync(_prepare, path, synchronous, max_page_count, vfs)
     journal = Journal(path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes)
     try:
         yield journal
