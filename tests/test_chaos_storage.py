@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import apsw
+import httpx
 import pytest
 import trio
 
 from router.events import StoredEvent
 from router.journal import Inspector, Synchronous, open_journal
 from tests.powerloss import PowerLossVFS
+from tests.support import Daemon, Receiver, SocketClient, track
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +191,122 @@ async def test_power_loss_with_synchronous_normal_loses_at_most_since_the_last_c
     assert acked > 0
     # NORMAL does lose on power loss (or this test would not simulate it).
     assert lost > 0
+
+
+# -- 4. a full disk -----------------------------------------------------------------------------
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def hook_config(url: str, *, sources: str = "") -> str:
+    return f"""
+        [sources.app]
+        socket = true
+        write_key = "wk"
+        {sources}
+
+        [destinations.hook]
+        type = "webhook"
+        url = "{url}"
+        batch_size = 50
+        retry = {{ max_attempts = 100, max_age = "1h", initial = "50ms", max_backoff = "200ms" }}
+
+        [[routes]]
+        to = ["hook"]
+        """
+
+
+def post_batch(client: httpx.Client, daemon: Daemon, ids: list[str], size: int) -> httpx.Response:
+    return client.post(
+        f"http://127.0.0.1:{daemon.port}/v1/batch",
+        json={"batch": [track(m, properties={"pad": "x" * size}) for m in ids]},
+    )
+
+
+def test_a_full_disk_answers_503_keeps_the_database_and_recovers_without_restart(
+    tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = Daemon(tmp_path, hook_config(receiver.url))
+    mount_tmpfs(daemon.data_dir, "4m")
+    ballast = daemon.data_dir / "ballast"
+    try:
+        ballast.write_bytes(b"\0" * (2 * 1024 * 1024 + 512 * 1024))
+        daemon.start()
+        acked: list[str] = []
+        refused: httpx.Response | None = None
+        with httpx.Client(auth=("wk", ""), timeout=10) as client:
+            for n in range(2000):
+                ids = [f"full-{n}-{k}" for k in range(10)]
+                response = post_batch(client, daemon, ids, 2000)
+                if response.status_code == 200:
+                    acked += ids
+                    continue
+                refused = response
+                break
+            assert refused is not None, "the disk never filled"
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            assert len(acked) > 100
+
+            # The socket says no too, in its own way.
+            sock = SocketClient(daemon.socket_path)
+            sock.send(track("full-socket", properties={"pad": "x" * 20000}))
+            ack = sock.ack()
+            sock.close()
+            assert ack["ok"] is False, ack
+
+            # Nothing half-written, while the daemon runs (a read-only look).
+            assert integrity(daemon.data_dir / "queue.db") == ["ok"]
+            assert daemon.process is not None
+            assert daemon.process.poll() is None
+
+            # Space returns: ingest takes events again by itself, no restart.
+            ballast.unlink()
+            deadline = time.monotonic() + 20
+            after: list[str] = []
+            while time.monotonic() < deadline and len(after) < 50:
+                ids = [f"after-{len(after)}-{k}" for k in range(10)]
+                response = post_batch(client, daemon, ids, 200)
+                if response.status_code == 200:
+                    after += ids
+                else:
+                    assert response.status_code == 503, response.text
+                    time.sleep(0.1)
+            assert len(after) >= 50, "ingest did not come back after space was freed"
+            acked += after
+        delivered = receiver.wait_for(len(set(acked)))
+        counts = {m: delivered.count(m) for m in acked}
+        lost = [m for m, c in counts.items() if c == 0]
+        duplicated = sum(c - 1 for c in counts.values() if c > 1)
+        emit(
+            capsys,
+            f"scenario disk_full: acked={len(acked)} delivered={len(acked) - len(lost)} "
+            f"duplicated={duplicated} lost={len(lost)} refused_status={refused.status_code} "
+            f"retry_after={refused.headers['retry-after']}",
+        )
+        assert not lost, lost[:5]
+        assert daemon.stop() == 0, daemon.stderr()
+        assert integrity(daemon.data_dir / "queue.db") == ["ok"]
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()
+        subprocess.run(["umount", str(daemon.data_dir)], check=False)
