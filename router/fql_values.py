@@ -71,7 +71,8 @@ def lookup(value: Any, keys: tuple[str, ...]) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _split_path(path: str) -> tuple[str, ...]:
+def split_path(path: str) -> tuple[str, ...]:
+    """FQL's path rules: dots separate keys; ``\\`` escapes the next character."""
     keys: list[str] = []
     key: list[str] = []
     chars = iter(path)
@@ -89,4 +90,4 @@ def _split_path(path: str) -> tuple[str, ...]:
 
 def value_at(event: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted FQL path (``properties.product\\ 1.price``); None when missing."""
-    return lookup(event, _split_path(path))
+    return lookup(event, split_path(path))

@@ -28,6 +28,7 @@ import msgspec
 
 from router import fql
 from router.config import Config, FilterConfig, PrivacyConfig, TransformConfig
+from router.fql_values import lookup, split_path
 
 Event = dict[str, Any]
 TransformFunction = Callable[[Event], Event | None]
@@ -267,33 +268,6 @@ def _allow_only(event: Event, paths: tuple[str, ...]) -> None:
 Keys = tuple[str, ...]
 
 
-def split_path(path: str) -> Keys:
-    """FQL's path rules: dots separate keys; ``\\`` escapes the next character."""
-    keys, current, escaped = [], [], False
-    for char in path:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ".":
-            keys.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    keys.append("".join(current))
-    return tuple(keys)
-
-
-def _get(event: Event, keys: Keys) -> Any:
-    holder: Any = event
-    for key in keys:
-        if type(holder) is not dict:
-            return None
-        holder = holder.get(key)
-    return holder
-
-
 def _set(event: Event, keys: Keys, value: Any) -> None:
     holder = event
     for key in keys[:-1]:
@@ -305,7 +279,7 @@ def _set(event: Event, keys: Keys, value: Any) -> None:
 
 
 def _remove(event: Event, keys: Keys) -> Any:
-    holder = _get(event, keys[:-1]) if len(keys) > 1 else event
+    holder = lookup(event, keys[:-1]) if len(keys) > 1 else event
     return holder.pop(keys[-1], None) if type(holder) is dict else None
 
 
@@ -351,7 +325,7 @@ def _walk(value: Any, keys: Keys = ()) -> Iterator[Keys]:
 def _matching(event: Event, specs: tuple[str, ...]) -> list[Keys]:
     """Key paths of the fields ``specs`` name: exact paths, and globs over dotted paths."""
     found = [split_path(s) for s in specs if not _is_pattern(s)]
-    found = [keys for keys in found if _get(event, keys) is not None]
+    found = [keys for keys in found if lookup(event, keys) is not None]
     patterns = [s for s in specs if _is_pattern(s)]
     if patterns:
         found += [
@@ -377,7 +351,7 @@ def _protect(event: Event, privacy: PrivacyConfig, note: Callable[[str], None]) 
     if privacy.hash and privacy.salt is not None:
         salt = privacy.salt.reveal()
         for keys in _matching(event, privacy.hash):
-            value = _get(event, keys)
+            value = lookup(event, keys)
             if value is not None:
                 _set(event, keys, hash_value(value, salt))
                 note(f"privacy: hashed {'.'.join(keys)}")

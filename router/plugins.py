@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +19,25 @@ from typing import Any
 from router.errors import ConfigError
 
 EXPORTS = ("DESTINATIONS", "TRANSFORMS")
+
+
+def collect(
+    plugin_dirs: Iterable[Path],
+    attribute: str,
+    group: str,
+    *,
+    what: str,
+    known: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``known`` plus every callable exported under ``attribute``/``group``, each name once."""
+    found: dict[str, Any] = dict(known or {})
+    for name, value, origin in exported(plugin_dirs, attribute, group):
+        if name in found:
+            raise ConfigError(f"{what} {name!r} from {origin} is already defined")
+        if not callable(value):
+            raise ConfigError(f"{what} {name!r} from {origin} is not callable")
+        found[name] = value
+    return found
 
 
 def exported(

@@ -13,21 +13,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from router.config import Config, config_error
-from router.errors import ConfigError
 from router.pipeline import TransformFunction
-from router.plugins import exported
+from router.plugins import collect
 
 ENTRY_POINT_GROUP = "router.transforms"
 
 
 def discover_transforms(plugin_dirs: Iterable[Path] = ()) -> dict[str, TransformFunction]:
-    found: dict[str, TransformFunction] = {}
-    for name, function, origin in exported(plugin_dirs, "TRANSFORMS", ENTRY_POINT_GROUP):
-        if name in found:
-            raise ConfigError(f"transform {name!r} from {origin} is already defined")
-        if not callable(function):
-            raise ConfigError(f"transform {name!r} from {origin} is not a function")
-        found[name] = function
+    found: dict[str, TransformFunction] = collect(
+        plugin_dirs, "TRANSFORMS", ENTRY_POINT_GROUP, what="transform"
+    )
     return found
 
 

@@ -17,7 +17,7 @@ from router.destinations.file import FileDestination
 from router.destinations.stdout import StdoutDestination
 from router.destinations.webhook import WebhookDestination
 from router.errors import ConfigError
-from router.plugins import exported
+from router.plugins import collect
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,9 @@ BUILT_INS: dict[str, Factory] = {
 
 def discover(plugin_dirs: Iterable[Path] = ()) -> dict[str, Factory]:
     """Every destination type known: built-ins, then entry points, then plugin files."""
-    types: dict[str, Factory] = dict(BUILT_INS)
-    for name, factory, origin in exported(plugin_dirs, "DESTINATIONS", ENTRY_POINT_GROUP):
-        if name in types:
-            raise ConfigError(f"destination type {name!r} from {origin} is already defined")
-        if not callable(factory):
-            raise ConfigError(f"destination type {name!r} from {origin} is not a class")
-        types[name] = factory
+    types: dict[str, Factory] = collect(
+        plugin_dirs, "DESTINATIONS", ENTRY_POINT_GROUP, what="destination type", known=BUILT_INS
+    )
     return types
 
 
