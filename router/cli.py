@@ -15,6 +15,7 @@ from router.admission import load_plans
 from router.cli_common import ConfigOption, fail, load, locate
 from router.cli_init import init_command
 from router.cli_operate import dlq_app, replay_command, status_command, tail_command
+from router.cli_send import send_command
 from router.daemon import Daemon, build_destinations
 from router.destinations.base import Destination
 from router.errors import RouterError
@@ -139,6 +140,7 @@ app.command("init")(init_command)
 app.command("status")(status_command)
 app.command("replay")(replay_command)
 app.command("tail")(tail_command)
+app.command("send")(send_command)
 app.add_typer(dlq_app, name="dlq")
 
 
