@@ -82,17 +82,30 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise IngestError(415, "unsupported_encoding", f"Content-Encoding {encoding!r}")
-    wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise IngestError(400, "invalid_json", f"body is not valid {encoding}: {exc}") from exc
-    if len(data) > limit:
-        raise IngestError(413, "body_too_large", f"decompressed body is over {limit} bytes")
-    if not inflater.eof:
-        raise IngestError(400, "invalid_json", f"{encoding} body is truncated")
-    return data
+    gzipped = "gzip" in encoding
+    wbits = 16 + zlib.MAX_WBITS if gzipped else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise IngestError(400, "invalid_json", f"body is not valid {encoding}: {exc}") from exc
+        size += len(data)
+        if size > limit:
+            raise IngestError(413, "body_too_large", f"decompressed body is over {limit} bytes")
+        if not inflater.eof:
+            raise IngestError(400, "invalid_json", f"{encoding} body is truncated")
+        parts.append(data)
+        rest = inflater.unused_data
+        # Bytes after the end were once ignored, storing a prefix of what was sent. gzip
+        # members may follow one another (RFC 1952 §2.2; gunzip joins them); nothing else may.
+        if not rest:
+            return b"".join(parts)
+        if not (gzipped and rest.startswith(b"\x1f\x8b")):
+            raise IngestError(400, "invalid_json", f"data after the end of the {encoding} body")
 
 
 def client_ip(
