@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,14 @@ class Crashes:
     receivers: list[Receiver]
     marks: list[dict[int, int]] = field(default_factory=list)  # id(receiver) -> accepted count
 
-    def kill(self, daemon: Daemon) -> None:
+    def kill(self, daemon: Daemon, then: Callable[[], None] | None = None) -> None:
+        """SIGKILL and wait; ``then`` runs once the daemon is dead (a receiver that was told
+        to answer only now, say), before the bookmark."""
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait()
+        if then is not None:
+            then()
         # A request the dead daemon already sent may still be in a handler thread; let it land
         # before the bookmark so it counts as "before the crash".
         time.sleep(0.2)
@@ -179,7 +183,7 @@ class Report:
     scenario: str
     acked: int
     delivered: int  # acked ids that reached a receiver
-    duplicated: int  # ids accepted more than once, by any receiver
+    duplicated: int  # (destination, id) pairs accepted more than once
     unexplained: list[str]  # duplicates with no crash between their copies
     lost: list[str]
     dead: int
@@ -266,7 +270,7 @@ def check(
         inspector.close()
     stored = stored_ids(daemon)
 
-    copies: Counter[str] = Counter()
+    copies: Counter[tuple[str, str]] = Counter()  # (destination, messageId) -> accepted copies
     unexplained: list[str] = []
     problems: list[str] = []
     for name, receiver in receivers.items():
@@ -276,7 +280,7 @@ def check(
         for index, request in enumerate(accepted):
             for e in request.events():
                 message_id = e["messageId"]
-                copies[message_id] += 1
+                copies[name, message_id] += 1
                 if message_id not in seen:
                     seen[message_id] = index
                 elif crashes is None or not crashes.straddles(receiver, seen[message_id], index):
@@ -293,7 +297,7 @@ def check(
             problems.append(f"{name}: dead_lettered={d['dead_lettered']} but {dead_here} rows")
 
     dead = {row.message_id for row in dead_rows}
-    delivered = acked & set(copies)
+    delivered = acked & {message_id for _, message_id in copies}
     open_ids = acked - delivered - dead
     # Still stored and the journal still owes it to someone: pending. Anything else is lost.
     owed = sum(d["pending"] + d["unread"] for d in shown["destinations"].values())
