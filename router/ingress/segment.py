@@ -14,7 +14,6 @@ single-event path it is a 400, as Segment does.
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import logging
 import time
@@ -69,7 +68,7 @@ def header_write_key(authorization: str | None) -> str | None:
         return None
     try:
         decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII input (a 500 once)
         return None
     return decoded.partition(":")[0] or None
 
