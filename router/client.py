@@ -199,7 +199,7 @@ class Ledger:
         line = self.unacked.popleft()
         n = len(line.message_ids)
         self.pending_events -= n
-        if raw == _FAST_OK:
+        if n == 1 and raw == _FAST_OK:
             self.acked += n
             return
         try:
@@ -208,9 +208,13 @@ class Ledger:
             raise ClientError("protocol", f"an ack that is not JSON: {raw!r}") from exc
         if ack.get("ok"):
             rejected = int(ack.get("rejected", 0))
-            self.acked += n - rejected
+            taken = int(ack.get("count", n - rejected))
+            self.acked += taken
             if rejected:
                 self._refuse("invalid_event", str(ack.get("message", "")), rejected, line)
+            if n - rejected - taken > 0:  # a tracking plan blocked them: acked, not stored
+                blocked = "blocked by the source's tracking plan"
+                self._refuse("blocked", blocked, n - rejected - taken, line)
         else:
             code, message = str(ack.get("code", "error")), str(ack.get("message", ""))
             self._refuse(code, message, n, line, ack.get("retry_after"))

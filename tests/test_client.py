@@ -66,6 +66,10 @@ def test_ledger_counts_a_partial_batch_refusal() -> None:
     ledger.add(b"x\n", ("1", "2", "3"))
     ledger.answer(b'{"ok":true,"count":2,"rejected":1,"message":"bad"}')
     assert (ledger.acked, ledger.refused) == (2, 1)
+    ledger.add(b"y\n", ("4", "5"))
+    ledger.answer(b'{"ok":true,"count":1}')  # one blocked by a tracking plan
+    assert (ledger.acked, ledger.refused) == (3, 2)
+    assert [r.code for r in ledger.refusals] == ["invalid_event", "blocked"]
 
 
 def test_built_events_are_segment_shaped() -> None:

@@ -4,6 +4,7 @@ on stdout, each refusal with its reason on stderr, exit 1 when anything was refu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,3 +118,80 @@ def test_no_daemon_exits_2_with_the_reason(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "unavailable: cannot connect to" in result.stderr
+
+
+# -- docs/sending.md: every example is a file under docs/examples/, run here as printed -----
+
+DOCS = Path(__file__).parent.parent / "docs"
+EXAMPLES = DOCS / "examples"
+
+
+@pytest.fixture
+def workdir(daemon: Daemon, tmp_path: Path) -> Path:
+    """A directory where ``router-data/router.sock`` is the daemon's socket, as in the docs."""
+    (tmp_path / "router-data").symlink_to(daemon.data_dir)
+    return tmp_path
+
+
+def run_example(daemon: Daemon, command: list[str], cwd: Path) -> tuple[str, int]:
+    """Run an example; its stdout and how many events it stored."""
+    before = Inspector(daemon.data_dir / "queue.db").event_count()
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout, Inspector(daemon.data_dir / "queue.db").event_count() - before
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+def test_every_example_is_in_the_docs_as_it_is() -> None:
+    text = (DOCS / "sending.md").read_text()
+    for example in sorted(EXAMPLES.iterdir()):
+        assert example.read_text().strip() in text, f"{example.name} differs from sending.md"
+
+
+def test_the_shell_example(daemon: Daemon, workdir: Path) -> None:
+    need("nc")
+    need("socat")
+    out, stored_now = run_example(daemon, ["sh", str(EXAMPLES / "send.sh")], workdir)
+    assert out.splitlines() == [
+        '{"ok":true,"count":1}',
+        '{"ok":true,"count":2}',
+        '{"ok":true,"count":1}',
+    ]
+    assert stored_now == 4
+
+
+def test_the_python_example(daemon: Daemon, workdir: Path) -> None:
+    out, stored_now = run_example(daemon, [sys.executable, str(EXAMPLES / "send.py")], workdir)
+    assert out.splitlines() == [
+        "refused: invalid_event: track event requires 'event'",
+        "sent 1002, acked 1001, refused 1",
+    ]
+    assert stored_now == 1001
+
+
+def test_the_node_example(daemon: Daemon, workdir: Path) -> None:
+    node = need("node")
+    out, stored_now = run_example(daemon, [node, str(EXAMPLES / "send.mjs")], workdir)
+    assert out == "sent 100, acked 100, refused 0\n"
+    assert stored_now == 100
+
+
+def test_the_c_example(daemon: Daemon, workdir: Path) -> None:
+    gcc = need("gcc")
+    binary = workdir / "send"
+    subprocess.run(
+        [gcc, "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(binary), str(EXAMPLES / "send.c")],
+        check=True,
+        timeout=60,
+    )
+    out, stored_now = run_example(daemon, [str(binary)], workdir)
+    assert out == "sent 100, acked 100, refused 0\n"
+    assert stored_now == 100
