@@ -189,6 +189,7 @@ class Report:
     dead: int
     pending: int
     conservation: list[str]  # every way the status counts disagree with what we saw
+    status: dict[str, Any]  # ``router status --json`` as the check saw it
 
     @property
     def line(self) -> str:
@@ -203,6 +204,16 @@ class Report:
         assert not self.unexplained, f"{self.line}: unexplained duplicates {self.unexplained[:20]}"
         assert not self.conservation, f"{self.line}: {self.conservation}"
         assert allow_pending or not self.pending, f"{self.line}: still pending"
+
+    def assert_settled(self) -> None:
+        """``assert_ok``, and every destination caught up (nothing pending or unread)."""
+        self.assert_ok()
+        busy = {
+            name: {k: d[k] for k in ("pending", "unread", "retrying")}
+            for name, d in self.status["destinations"].items()
+            if d["pending"] or d["unread"]
+        }
+        assert not busy, f"{self.line}: never settled: {busy}"
 
 
 def status(daemon: Daemon) -> dict[str, Any]:
@@ -254,7 +265,7 @@ def check(
     receivers: dict[str, Receiver],
     crashes: Crashes | None = None,
     *,
-    settle_timeout: float = 60,
+    settle_timeout: float = 30,
     capsys: pytest.CaptureFixture[str] | None = None,
 ) -> Report:
     """The oracle. ``receivers`` maps each webhook destination to the server behind it.
@@ -315,6 +326,7 @@ def check(
         dead=len(acked & dead),
         pending=pending,
         conservation=problems,
+        status=shown,
     )
     emit(report.line, capsys)
     return report
