@@ -1,0 +1,248 @@
+"""router's benchmark suite: one command, a table of figures, each beside its baseline.
+
+    .venv/bin/python bench/run.py [--seconds 10] [--events 200000] [--json bench.json]
+
+The daemon (and each baseline server) is pinned to CPU 0, the load generator to CPU 1, so the
+figures are what one core of this machine does. HTTP load comes from wrk (Debian's `wrk`);
+without it the HTTP rows are skipped. Nothing here is a pass/fail test: run it on a quiet
+machine and read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+EVENT = {
+    "type": "track",
+    "userId": "user-1234567890",
+    "event": "Order Completed",
+    "properties": {"orderId": "order-123456", "revenue": 99.95, "currency": "USD"},
+    "context": {"library": {"name": "analytics.js", "version": "4.0.0"}},
+}
+
+
+@dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> str:
+        return f"{self.value / self.baseline:.2f}" if self.baseline else "-"
+
+
+def pin(cpu: int) -> None:
+    if (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def daemon(tmp: Path, body: str, synchronous: str = "full") -> Iterator[tuple[int, Path]]:
+    """`router run` on CPU 0 with ``body`` as its sources/destinations/routes."""
+    port = free_port()
+    data = tmp / f"data-{port}"
+    config = tmp / f"router-{port}.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+        [server]
+        data_dir = "{data}"
+        http = "127.0.0.1:{port}"
+        socket = "router.sock"
+        [queue]
+        synchronous = "{synchronous}"
+        """)
+        + textwrap.dedent(body)
+    )
+    with (tmp / f"log-{port}").open("wb") as log:
+        process = subprocess.Popen(
+            [PYTHON, "-m", "router", "run", "--config", str(config), "--log-level", "warning"],
+            stdout=log,
+            stderr=log,
+            preexec_fn=lambda: pin(0),
+        )
+    try:
+        wait_ready(port)
+        yield port, data
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def wait_ready(port: int, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("router did not become ready")
+
+
+def wrk(
+    port: int, path: str, body: bytes, seconds: float, connections: int = 32
+) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            'wrk.headers["Authorization"] = "Basic YmVuY2g6"\n'
+            f"wrk.body = [[{body.decode()}]]\n"
+        )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", script.name,
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, check=True, preexec_fn=lambda: pin(1),
+    ).stdout  # fmt: skip
+    os.unlink(script.name)
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+
+    def latency(label: str) -> float:
+        found = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        assert found is not None
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+        return float(found.group(1)) * scale
+
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rate is not None
+    return {"rps": float(rate.group(1)), "p50_ms": latency("50%"), "p99_ms": latency("99%")}
+
+
+INGEST = """
+[sources.bench]
+write_key = "bench"
+"""
+
+
+def http_rows(tmp: Path, seconds: float) -> list[Row]:
+    if shutil.which("wrk") is None:
+        return [Row("HTTP figures", 0, "skipped", note="install wrk")]
+    single = json.dumps(EVENT).encode()
+    port_file = tmp / "bare.port"
+    bare = subprocess.Popen(
+        [PYTHON, str(HERE / "baselines.py"), "bare", str(port_file)], preexec_fn=lambda: pin(0)
+    )
+    try:
+        while not port_file.exists():
+            time.sleep(0.05)
+        base = wrk(int(port_file.read_text()), "/v1/track", single, seconds)
+    finally:
+        bare.kill()
+        bare.wait()
+    rows = [Row("bare trio+httptools decode, 32 conns", base["rps"], "req/s")]
+    for synchronous in ("full", "normal"):
+        with daemon(tmp, INGEST, synchronous) as (port, _):
+            got = wrk(port, "/v1/track", single, seconds)
+        rows.append(Row(f"POST /v1/track, {synchronous}", got["rps"], "req/s", base["rps"],
+                        f"p50 {got['p50_ms']:.2f} ms, p99 {got['p99_ms']:.2f} ms"))  # fmt: skip
+    batch = json.dumps({"batch": [EVENT] * 100}).encode()
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = float(subprocess.run(
+            [PYTHON, str(HERE / "baselines.py"), "sqlite", scratch, "200000"],
+            capture_output=True, text=True, check=True, preexec_fn=lambda: pin(0),
+        ).stdout)  # fmt: skip
+    rows.append(Row("raw SQLite, 100 rows per commit, FULL", raw, "rows/s"))
+    with daemon(tmp, INGEST) as (port, _):
+        got = wrk(port, "/v1/batch", batch, seconds, connections=8)
+    rows.append(Row("POST /v1/batch x100, full", got["rps"] * 100, "events/s", raw,
+                    f"p99 {got['p99_ms']:.1f} ms"))  # fmt: skip
+    return rows
+
+
+def socket_row(tmp: Path, events: int) -> Row:
+    body = INGEST.replace("[sources.bench]", "[sources.bench]\nsocket = true")
+    with daemon(tmp, body) as (_, data):
+        rate = float(subprocess.run(
+            [PYTHON, str(HERE / "socket_load.py"), str(data / "router.sock"), str(events)],
+            capture_output=True, text=True, check=True, preexec_fn=lambda: pin(1),
+        ).stdout)  # fmt: skip
+    return Row("Unix socket, pipelined, one event a line", rate, "events/s")
+
+
+def delivery_rows(tmp: Path, events: int) -> list[Row]:
+    rows = []
+    for batch_size, count in ((100, events), (1, max(events // 10, 1000))):
+        receiver = subprocess.Popen(
+            [PYTHON, str(HERE / "receiver.py"), str(tmp / "recv.port"), str(count)],
+            stdout=subprocess.PIPE, text=True, preexec_fn=lambda: pin(1),
+        )  # fmt: skip
+        while not (tmp / "recv.port").exists():
+            time.sleep(0.05)
+        port = int((tmp / "recv.port").read_text())
+        (tmp / "recv.port").unlink()
+        body = f"""
+            [sources.bench]
+            socket = true
+            [destinations.hook]
+            type = "webhook"
+            url = "http://127.0.0.1:{port}/"
+            batch_size = {batch_size}
+            batch_wait = "5ms"
+            concurrency = 8
+            [[routes]]
+            to = ["hook"]
+            """
+        with daemon(tmp, body) as (_, data):
+            subprocess.run(
+                [PYTHON, str(HERE / "socket_load.py"), str(data / "router.sock"), str(count)],
+                capture_output=True, check=True, preexec_fn=lambda: pin(1),
+            )  # fmt: skip
+            out, _ = receiver.communicate(timeout=600)
+        rows.append(Row(f"webhook delivery, batches of {batch_size}", float(out), "events/s",
+                        note="ingest and delivery together, receiver on CPU 1"))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        for make in (
+            lambda: http_rows(tmp, args.seconds),
+            lambda: [socket_row(tmp, args.events)],
+            lambda: delivery_rows(tmp, args.events),
+        ):
+            made = make()
+            rows += made
+            for row in made:
+                figure = f"{row.value:>12,.0f} {row.unit:<9}"
+                print(f"{row.name:<45} {figure} ratio {row.ratio:>5}  {row.note}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
