@@ -114,7 +114,8 @@ class AsyncClient(_Common):
         if self._closing:
             raise ClientError("closed", "the client is closed")
         self._ledger.add(data, message_ids)
-        self._notify()
+        if len(self._ledger.outbox) == 1:  # only the writer waits for lines
+            self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

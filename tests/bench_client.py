@@ -1,21 +1,27 @@
 """Benchmark router.client's pipelined throughput (not a test; pytest does not collect it).
 
-    .venv/bin/python tests/bench_client.py [--events 100000] [--synchronous full|normal]
+    .venv/bin/python -m tests.bench_client [--events 100000] [--synchronous full|normal]
+    .venv/bin/python -m tests.bench_client --fake   # the client's own ceiling
 
 Starts the real daemon (a subprocess, its own temporary data directory, one socket source, no
 destinations) and sends ``--events`` track events through it, each way: the sync client one
 event per line, the sync client in ``send_batch`` lines of 100, and the trio client one event
 per line. This process is pinned to the last CPU, the daemon left to the others. Prints events
 per second from the first send to the last ack (every event committed), and checks the count.
+With ``--fake`` a trivial server in another process acks every line at once without storing
+anything, which measures the client alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
+import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -57,19 +63,60 @@ def trio_client(path: Path, n: int) -> None:
     trio.run(run)
 
 
+@contextlib.contextmanager
+def pinned_apart() -> Iterator[None]:
+    """Children started inside get every CPU but the last; this process keeps the last one
+    (on this 2-core machine: the server on core 0, the client on core 1, as DESIGN.md §5)."""
+    cpus = os.cpu_count() or 1
+    if cpus < 2 or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    os.sched_setaffinity(0, set(range(cpus - 1)))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, {cpus - 1})
+
+
+def fake_server(path: str) -> None:
+    """Ack every line at once, store nothing: what the client costs by itself."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 18):
+                conn.sendall(b'{"ok":true,"count":1}\n' * data.count(b"\n"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full")
+    parser.add_argument("--fake", action="store_true", help="a server that only acks")
     args = parser.parse_args()
-    cpus = os.cpu_count() or 1
-    if cpus > 1 and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpus - 1})
     ways: list[tuple[str, Callable[[Path, int], None]]] = [
         ("sync, one event per line", one_per_line),
         ("sync, send_batch of 100", batches_of_100),
         ("trio, one event per line", trio_client),
     ]
+    if args.fake:
+        ways.pop(1)  # the fake server acks lines, not the events in a batch
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "fake.sock"
+            server = multiprocessing.Process(target=fake_server, args=(str(path),), daemon=True)
+            with pinned_apart():
+                server.start()
+            while not path.exists():
+                time.sleep(0.01)
+            for label, way in ways:
+                started = time.perf_counter()
+                way(path, args.events)
+                elapsed = time.perf_counter() - started
+                print(f"{label:28} {args.events / elapsed:>9,.0f} events/s (fake server)")
+            server.kill()
+        return
     for label, way in ways:
         with tempfile.TemporaryDirectory() as tmp:
             daemon = Daemon(Path(tmp), "[sources.bench]\nsocket = true\n")
@@ -77,7 +124,8 @@ def main() -> None:
             daemon.config_path.write_text(
                 config.replace('synchronous = "full"', f'synchronous = "{args.synchronous}"')
             )
-            daemon.start()
+            with pinned_apart():
+                daemon.start()
             try:
                 started = time.perf_counter()
                 way(daemon.socket_path, args.events)

@@ -5,6 +5,7 @@ with the daemon's code; and the pure ledger, fed acks by hand."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from router.aclient import AsyncClient
-from router.client import Client, ClientError, Ledger, build_event, encode_line
+from router.client import Client, ClientError, Ledger, build_event, encode_line, new_message_id
 from router.journal import Inspector
 from tests.support import Daemon
 
@@ -80,6 +81,17 @@ def test_built_events_are_segment_shaped() -> None:
     assert json.loads(encode_line(event)) == event
     with pytest.raises(ValueError, match="user_id or an anonymous_id"):
         build_event("identify")
+
+
+def test_a_forked_child_mints_other_ids_than_its_parent() -> None:
+    # Pre-forking servers import the client before forking; shared ids would be deduped away.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, new_message_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 100).decode() != new_message_id()
 
 
 # -- against the daemon ---------------------------------------------------------------------
