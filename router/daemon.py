@@ -143,7 +143,8 @@ class Daemon:
                 for name, destination in destinations.items():
                     settings = _settings(config.destinations[name])
                     await fleet.start(settings, destination, cursors[name], self.pipelines[name])
-                dispatch_nursery.start_soon(self._prune_loop, journal)
+                prune_scope = trio.CancelScope()
+                dispatch_nursery.start_soon(self._prune_loop, journal, prune_scope)
                 async with trio.open_nursery() as ingress_nursery:
                     await self._start_admin(journal, ingress_nursery)
                     http = await self._start_ingress(journal, ingress_nursery)
@@ -179,6 +180,9 @@ class Daemon:
                 # Deliveries in flight get the grace period; past it they are cut off and
                 # retried after the next start (at-least-once).
                 fleet.stop_all()
+                # Retention has nothing to finish (each step commits, shielded); left running it
+                # held every stop for the whole grace period and logged deliveries in flight.
+                prune_scope.cancel()
                 dispatch_scope.deadline = trio.current_time() + config.server.shutdown_grace
         if dispatch_scope.cancelled_caught:
             log.warning("deliveries were still in flight at the end of the grace period")
@@ -200,9 +204,14 @@ class Daemon:
                 self.notifier.status(_status_line(await self.admin.handle({"op": "status"})))
             await trio.sleep(every)
 
-    async def _prune_loop(self, journal: Journal) -> None:
-        """Retention: every minute, or at once when ingest is refused for space. The journal
-        prunes in short steps between ingest commits and logs what it did."""
+    async def _prune_loop(self, journal: Journal, scope: trio.CancelScope) -> None:
+        """Retention: every minute, or at once when ingest is refused for space, until ``scope``
+        is cancelled. The journal prunes in short steps between ingest commits and logs what
+        it did."""
+        with scope:
+            await self._prune_forever(journal)
+
+    async def _prune_forever(self, journal: Journal) -> None:
         while True:
             queue = self.config.queue
             try:
