@@ -419,6 +419,25 @@ FRAMING = [
         request("/v1/batch", GOOD_BATCH).replace(AUTH.encode(), b"Basic \xff\xfe!!=="),
         OK,
     ),
+    framed(
+        "upgrade-with-body", GOOD_BATCH, "Connection: Upgrade", "Upgrade: websocket", f"{CL}: {N}"
+    ),
+    case(
+        "upgrade-then-garbage",
+        b"GET /ready HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"\x00\x01garbage\r\n\r\n",
+        frozenset({200, 400}),
+    ),
+    framed(
+        "expect-continue-then-eof",
+        b"",
+        "Expect: 100-continue",
+        f"{CL}: {N}",
+        allowed=frozenset({100, None, 400, 408}),
+    ),
+    case("get-with-body", request("/v1/batch", GOOD_BATCH, method="GET"), frozenset({405})),
+    case("delete-with-body", request("/v1/t", GOOD_BATCH, method="DELETE"), frozenset({405})),
+    framed("transfer-encoding-vtab", chunked(GOOD_BATCH), "Transfer-Encoding: \x0bchunked"),
     # Compression: bombs, lies and breakage.
     encoded("deflate-bomb", zlib.compress(b"[" * 20_000_000, 9), "deflate", frozenset({413})),
     encoded(
