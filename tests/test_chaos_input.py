@@ -44,6 +44,10 @@ trusted_proxies = ["127.0.0.1"]
 [sources.web]
 write_key = "wk_web"
 
+[sources.plain]
+write_key = "wk_plain"
+raw = true
+
 [sources.sock]
 socket = true
 
@@ -811,9 +815,13 @@ BODY_SETTINGS = settings(
 )
 
 
-def check_body(target: Target, path: str, body: bytes, encoding: str | None = None) -> None:
+def check_body(
+    target: Target, path: str, body: bytes, encoding: str | None = None, key: str = "wk_web"
+) -> None:
     before = target.count()
     headers = {"content-encoding": encoding} if encoding else {}
+    if key != "wk_web":
+        headers["authorization"] = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
     response = target.post(path, gzip.compress(body) if encoding else body, headers)
     if response.status_code == 200:
         # Valid by chance: at most one event per item, and nothing past a 200.
@@ -914,6 +922,13 @@ def test_any_header_value_is_answered_without_a_5xx(target: Target, headers: dic
     if answers != [200]:
         target.refused(before)
     target.alive()
+
+
+@BODY_SETTINGS
+@given(body=json_bodies())
+def test_random_json_to_a_raw_source_is_refused_or_stored(target: Target, body: bytes):
+    """A raw source takes any JSON object as an event: the other path through normalize."""
+    check_body(target, "/v1/batch", body, key="wk_plain")
 
 
 # -- the Unix socket ------------------------------------------------------------------
@@ -1049,6 +1064,18 @@ def test_random_ndjson_streams_get_one_ack_per_line(
 def test_summary(target: Target, capsys: pytest.CaptureFixture[str]):
     """Last in the file: the scenario's line for the suite's report."""
     target.alive()
+    # Whatever was accepted must not hurt delivery either: every stored event reaches the
+    # destination (or is dead-lettered or filtered), and a last one still goes through.
+    assert target.post("/v1/t", dumps(valid_track(f"last-{time.time_ns()}"))).status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counters = target.inspector.counters("out")
+        done = counters.delivered + counters.dead_lettered + counters.filtered
+        if done == target.count():
+            break
+        time.sleep(0.1)
+    assert done == target.count(), counters
+    assert counters.dead_lettered == 0, target.inspector.dead_letters("out")[:3]
     tally = target.tally
     with capsys.disabled():
         print("\n" + tally.line())
