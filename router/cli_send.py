@@ -21,8 +21,6 @@ from router.errors import RouterError
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 
-Pairs = Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE")]
-
 
 def parse_pairs(pairs: Iterable[str], what: str) -> dict[str, Any]:
     """``plan=pro total=12.5 tags=["a"]`` into a dict; a value that parses as JSON is JSON."""
@@ -90,8 +88,13 @@ def send_command(
     category: Annotated[str | None, typer.Option(help="page, screen: the category")] = None,
     group: Annotated[str | None, typer.Option("--group", help="group: groupId")] = None,
     previous: Annotated[str | None, typer.Option("--previous-id", help="alias: previousId")] = None,
-    prop: Pairs = None,
-    trait: Pairs = None,
+    prop: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="a property; a value that parses as JSON is JSON"),
+    ] = None,
+    trait: Annotated[
+        list[str] | None, typer.Option(metavar="KEY=VALUE", help="a trait, as --prop")
+    ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="a JSON file: an event, a list, NDJSON")
     ] = None,
@@ -103,9 +106,11 @@ def send_command(
 ) -> None:
     """Send events to the running daemon over its Unix socket and wait for their acks.
 
-    One event from options (router send track --user u1 --event "Signed Up" --prop plan=pro),
-    a JSON file (--file), or NDJSON on stdin (router send -). Prints how many were sent, acked
-    and refused; exits 1 when any was refused, with the reason.
+    One event from options: router send track --user u1 --event "Signed Up" --prop plan=pro
+
+    Many: --file F (an event, a list, NDJSON), or NDJSON on stdin (router send -).
+
+    Prints how many were sent, acked and refused; exits 1 when any was refused, with why.
     """
     try:
         items = _items(

@@ -128,6 +128,7 @@ def test_kill_and_restart_in_the_middle_loses_and_duplicates_nothing(daemon: Dae
         client.flush(timeout=60)
         stats = client.statistics()
     assert stats.reconnects >= 1
+    assert stats.resent > 0  # lines in flight at the kill went out again
     assert (stats.acked, stats.refused) == (n, 0)
     ids = stored_ids(daemon)
     assert len(ids) == len(set(ids)) == n
