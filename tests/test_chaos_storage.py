@@ -253,6 +253,7 @@ def test_a_full_disk_answers_503_keeps_the_database_and_recovers_without_restart
         daemon.start()
         acked: list[str] = []
         refused: httpx.Response | None = None
+        refused_ids: list[str] = []
         with httpx.Client(auth=("wk", ""), timeout=10) as client:
             for n in range(2000):
                 ids = [f"full-{n}-{k}" for k in range(10)]
@@ -260,7 +261,7 @@ def test_a_full_disk_answers_503_keeps_the_database_and_recovers_without_restart
                 if response.status_code == 200:
                     acked += ids
                     continue
-                refused = response
+                refused, refused_ids = response, ids
                 break
             assert refused is not None, "the disk never filled"
             assert refused.status_code == 503, refused.text
@@ -273,6 +274,7 @@ def test_a_full_disk_answers_503_keeps_the_database_and_recovers_without_restart
             ack = sock.ack()
             sock.close()
             assert ack["ok"] is False, ack
+            assert ack.get("retry_after"), ack
 
             # Nothing half-written, while the daemon runs (a read-only look).
             assert integrity(daemon.data_dir / "queue.db") == ["ok"]
@@ -304,6 +306,8 @@ def test_a_full_disk_answers_503_keeps_the_database_and_recovers_without_restart
             f"retry_after={refused.headers['retry-after']}",
         )
         assert not lost, lost[:5]
+        # A 503 means not stored: the client's retry is the only copy that counts.
+        assert not set(refused_ids) & stored_ids(daemon.data_dir / "queue.db")
         assert daemon.stop() == 0, daemon.stderr()
         assert integrity(daemon.data_dir / "queue.db") == ["ok"]
     finally:
