@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -81,6 +83,18 @@ def test_built_events_are_segment_shaped() -> None:
     assert json.loads(encode_line(event)) == event
     with pytest.raises(ValueError, match="user_id or an anonymous_id"):
         build_event("identify")
+
+
+def test_the_sync_client_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import router.client; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(sorted(new - set(sys.stdlib_module_names)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "['router']"
 
 
 def test_a_forked_child_mints_other_ids_than_its_parent() -> None:
