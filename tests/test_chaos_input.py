@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from router.errors import IngestError
 from router.ingress.segment import decompress, header_write_key
 from router.journal import Inspector
-from tests.support import Daemon
+from tests.support import Daemon, Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,43 @@ socket = true
 [destinations.out]
 type = "stdout"
 
+# What was accepted also goes through every FQL function, sampling by an object, privacy and
+# transforms on its way to a real receiver: bad input must not hurt delivery either.
+[destinations.shaped]
+type = "webhook"
+url = "{url}"
+batch_size = 20
+batch_wait = "50ms"
+timeout = "5s"
+
+[[destinations.shaped.filters]]
+if = "match(context.library.name, 'ch*') or contains(event, 'x') or length(properties.items) > 2"
+drop_properties = ["total", "n"]
+
+[[destinations.shaped.filters]]
+if = "typeof(properties.total) = 'number' and properties.total > 1e6 or lowercase(userId) = 'x'"
+drop = true
+
+[[destinations.shaped.filters]]
+if = "snakecase(event) != 'z' and uppercase(name) != 'Z' and titlecase(kebabcase(category)) != 'Z'"
+sample = {{ percent = 100, by = "properties" }}
+
+[destinations.shaped.privacy]
+hash = ["anonymousId", "*.email", "context.ip"]
+drop = ["properties.secret", "traits.*"]
+salt = "chaos-salt"
+
+[destinations.shaped.transform]
+rename = {{ "properties.total" = "properties.sum" }}
+set = {{ "context.seen" = true }}
+remove = ["integrations"]
+
 [[routes]]
 to = ["out"]
+
+[[routes]]
+when = "type in ['track', 'page'] or number(properties.total) >= 0 or bool(traits.x)"
+to = ["shaped"]
 """
 AUTH = "Basic " + base64.b64encode(b"wk_web:").decode()
 MAX_LINE = 4 * 1024 * 1024  # router.ingress.unix.MAX_LINE_BYTES
@@ -87,8 +122,9 @@ class Tally:
 class Target:
     """One running daemon, a view of its queue, and the checks every input must pass."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, receiver: Receiver) -> None:
         self.daemon = daemon
+        self.receiver = receiver
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=10)
         self.inspector = Inspector(daemon.data_dir / "queue.db")
         self.tally = Tally()
@@ -142,10 +178,13 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    daemon = Daemon(tmp_path_factory.mktemp("chaos-input"), CONFIG).start()
-    target = Target(daemon)
+    receiver = Receiver()
+    config = CONFIG.format(url=receiver.url)
+    daemon = Daemon(tmp_path_factory.mktemp("chaos-input"), config).start()
+    target = Target(daemon, receiver)
     yield target
     target.close()
+    receiver.close()
     assert daemon.stop() == 0, daemon.stderr()[-3000:]
     logs = daemon.stderr()
     assert "Traceback" not in logs, logs[-3000:]
@@ -1066,19 +1105,24 @@ def test_summary(target: Target, capsys: pytest.CaptureFixture[str]):
     target.alive()
     # Whatever was accepted must not hurt delivery either: every stored event reaches the
     # destination (or is dead-lettered or filtered), and a last one still goes through.
-    assert target.post("/v1/t", dumps(valid_track(f"last-{time.time_ns()}"))).status_code == 200
+    last = f"last-{time.time_ns()}"
+    assert target.post("/v1/t", dumps(valid_track(last))).status_code == 200
+    assert last in target.receiver.wait_for(1 + len(set(target.receiver.delivered_ids())))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        counters = target.inspector.counters("out")
-        done = counters.delivered + counters.dead_lettered + counters.filtered
-        if done == target.count():
+        out, shaped = (target.inspector.counters(name) for name in ("out", "shaped"))
+        done = out.delivered + out.dead_lettered + out.filtered
+        if done == target.count() and shaped.pending == 0:
             break
         time.sleep(0.1)
-    assert done == target.count(), counters
-    assert counters.dead_lettered == 0, target.inspector.dead_letters("out")[:3]
+    assert done == target.count(), out
+    assert shaped.pending == 0, shaped
+    for name in ("out", "shaped"):
+        assert target.inspector.dead_letters(name) == []
     tally = target.tally
+    shaped = len(target.receiver.delivered_ids())
     with capsys.disabled():
-        print("\n" + tally.line())
+        print(f"\n{tally.line()} stored={target.count()} delivered_through_filters={shaped}")
     assert tally.crashes == 0
     assert tally.stored_from_refused == 0
     assert not any(s >= 500 for s in tally.statuses)
