@@ -13,6 +13,7 @@ while ``max_pending`` events wait for their acks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -52,7 +53,7 @@ class AsyncClient(_Common):
         self.socket_path = default_socket(socket_path)
         self._max_pending = max_pending
         self._reconnect_timeout = reconnect_timeout
-        self._ledger = Ledger()
+        self._ledger = Ledger(retry_full_for=reconnect_timeout)
         self._changed = trio.Event()  # set (and replaced) whenever the ledger changes
         self._closing = False
         self._stack = contextlib.AsyncExitStack()
@@ -94,7 +95,7 @@ class AsyncClient(_Common):
     async def flush(self) -> None:
         """Wait until every event sent so far is answered; raise the refusals since the last
         flush as one ClientError. Bound it with a cancel scope (``trio.fail_after``)."""
-        while self._ledger.unacked:
+        while self._ledger.waiting:
             await self._changed.wait()
         self._ledger.raise_refusals()
 
@@ -161,11 +162,15 @@ class AsyncClient(_Common):
     async def _write(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while True:
-                while not self._ledger.outbox:
-                    if self._closing:
-                        return
+                self._ledger.release(trio.current_time())
+                if self._ledger.outbox:
+                    await stream.send_all(self._ledger.take_outbox())
+                    continue
+                if self._closing:
+                    return
+                due = self._ledger.next_due()
+                with trio.move_on_at(math.inf if due is None else due):
                     await self._changed.wait()
-                await stream.send_all(self._ledger.take_outbox())
         # A write failed: wait for the reader to see the break and cancel us.
         await trio.sleep_forever()
 
@@ -174,8 +179,9 @@ class AsyncClient(_Common):
         try:
             while data := await stream.receive_some(READ_BYTES):
                 lines, buffer = split_acks(buffer, data)
+                now = trio.current_time()
                 for line in lines:
-                    self._ledger.answer(line)
+                    self._ledger.answer(line, now)
                 self._notify()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

@@ -177,6 +177,7 @@ def with_message_id(event: Mapping[str, Any]) -> dict[str, Any]:
 class _Line:
     data: bytes
     message_ids: tuple[str, ...]
+    full_since: float | None = None  # when the daemon first answered queue_full for it
 
 
 @dataclass(slots=True)
@@ -185,6 +186,9 @@ class Ledger:
 
     ``outbox`` holds the lines not yet written on the current connection. After a reconnect
     every unanswered line goes back into it (``rewind``), in order, ahead of anything new.
+    A line answered ``queue_full`` is ``held`` until its ``retry_after`` has passed, then sent
+    again (``release``), for up to ``retry_full_for`` seconds; only then is it refused. Times
+    are the caller's clock.
     """
 
     unacked: deque[_Line] = field(default_factory=deque)
@@ -196,6 +200,13 @@ class Ledger:
     reconnects: int = 0
     resent: int = 0
     refusals: list[Refusal] = field(default_factory=list)
+    held: list[tuple[float, _Line]] = field(default_factory=list)
+    retry_full_for: float = 30.0
+
+    @property
+    def waiting(self) -> bool:
+        """Whether any line still waits for its answer (flush waits while it does)."""
+        return bool(self.unacked or self.held)
 
     def add(self, data: bytes, message_ids: tuple[str, ...]) -> None:
         self.unacked.append(_Line(data, message_ids))
@@ -208,7 +219,7 @@ class Ledger:
         self.outbox.clear()
         return data
 
-    def answer(self, raw: bytes) -> None:
+    def answer(self, raw: bytes, now: float = 0.0) -> None:
         """Match one ack line to the oldest unanswered line."""
         if not self.unacked:
             raise ClientError("protocol", f"an ack with no line waiting for it: {raw!r}")
@@ -233,19 +244,46 @@ class Ledger:
                 self._refuse("blocked", blocked, n - rejected - taken, line)
         else:
             code, message = str(ack.get("code", "error")), str(ack.get("message", ""))
-            self._refuse(code, message, n, line, ack.get("retry_after"))
+            retry_after = ack.get("retry_after")
+            if code == "queue_full" and self._hold(line, now, retry_after):
+                self.pending_events += n
+                return
+            self._refuse(code, message, n, line, retry_after)
+
+    def _hold(self, line: _Line, now: float, retry_after: Any) -> bool:
+        """Keep a line the daemon had no room for, to send again; False once it is too late."""
+        if line.full_since is None:
+            line.full_since = now
+        elif now - line.full_since >= self.retry_full_for:
+            return False
+        delay = float(retry_after) if isinstance(retry_after, int | float) else 1.0
+        self.held.append((now + min(delay, self.retry_full_for), line))
+        return True
+
+    def release(self, now: float) -> None:
+        """Held lines whose time has come go out again, after what is queued."""
+        if self.held and min(due for due, _ in self.held) <= now:
+            due_now = [line for due, line in self.held if due <= now]
+            self.held = [(due, line) for due, line in self.held if due > now]
+            for line in due_now:
+                self.unacked.append(line)
+                self.outbox.append(line.data)
+
+    def next_due(self) -> float | None:
+        return min((due for due, _ in self.held), default=None)
 
     def rewind(self) -> None:
         """A new connection: every unanswered line is written again, in order."""
         self.outbox = [line.data for line in self.unacked]
-        self.resent += self.pending_events
+        self.resent += sum(len(line.message_ids) for line in self.unacked)
         self.reconnects += 1
 
     def give_up(self, code: str, message: str) -> None:
         """Fail every unanswered line (the daemon stayed away, or the client closed)."""
-        while self.unacked:
-            line = self.unacked.popleft()
+        for line in [*self.unacked, *(line for _, line in self.held)]:
             self._refuse(code, message, len(line.message_ids), line)
+        self.unacked.clear()
+        self.held.clear()
         self.outbox.clear()
         self.pending_events = 0
 
@@ -393,7 +431,7 @@ class Client(_Common):
         self.socket_path = default_socket(socket_path)
         self._max_pending = max_pending
         self._reconnect_timeout = reconnect_timeout
-        self._ledger = Ledger()
+        self._ledger = Ledger(retry_full_for=reconnect_timeout)
         self._cond = threading.Condition()
         self._closing = False
         self._sock: socket.socket | None = self._connect()  # fail early: wrong path, no daemon
@@ -418,7 +456,7 @@ class Client(_Common):
         flush as one ClientError. ``timeout``: ClientError ``timeout`` after that many seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._ledger.unacked:
+            while self._ledger.waiting:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise ClientError(
@@ -521,10 +559,16 @@ class Client(_Common):
             try:
                 while True:
                     with self._cond:
-                        while not self._ledger.outbox and not broken.is_set():
+                        while True:
+                            self._ledger.release(time.monotonic())
+                            if self._ledger.outbox or broken.is_set():
+                                break
                             if self._closing:
                                 return
-                            self._cond.wait()
+                            due = self._ledger.next_due()
+                            self._cond.wait(
+                                None if due is None else max(0.0, due - time.monotonic())
+                            )
                         if broken.is_set():
                             break
                         data = self._ledger.take_outbox()
@@ -548,8 +592,9 @@ class Client(_Common):
             while data := sock.recv(READ_BYTES):
                 lines, buffer = split_acks(buffer, data)
                 with self._cond:
+                    now = time.monotonic()
                     for line in lines:
-                        self._ledger.answer(line)
+                        self._ledger.answer(line, now)
                     self._cond.notify_all()
         except OSError:
             pass  # a reset is a break like any other

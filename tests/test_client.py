@@ -75,6 +75,33 @@ def test_ledger_counts_a_partial_batch_refusal() -> None:
     assert [r.code for r in ledger.refusals] == ["invalid_event", "blocked"]
 
 
+FULL = b'{"ok":false,"code":"queue_full","message":"full","retry_after":2}'
+
+
+def test_ledger_holds_a_line_the_queue_had_no_room_for_and_sends_it_again() -> None:
+    ledger = Ledger(retry_full_for=30)
+    ledger.add(b"a\n", ("a",))
+    ledger.take_outbox()
+    ledger.answer(FULL, now=100)
+    assert (ledger.waiting, ledger.pending_events, ledger.next_due()) == (True, 1, 102)
+    ledger.release(101)
+    assert ledger.take_outbox() == b""
+    ledger.release(102)
+    assert ledger.take_outbox() == b"a\n"
+    ledger.answer(b'{"ok":true,"count":1}', now=102)
+    assert (ledger.waiting, ledger.acked, ledger.refused) == (False, 1, 0)
+
+
+def test_ledger_refuses_a_line_still_refused_after_retry_full_for() -> None:
+    ledger = Ledger(retry_full_for=30)
+    ledger.add(b"a\n", ("a",))
+    ledger.answer(FULL, now=100)
+    ledger.release(102)
+    ledger.answer(FULL, now=130)
+    assert (ledger.waiting, ledger.refused) == (False, 1)
+    assert ledger.refusals[0].retry_after == 2
+
+
 def test_built_events_are_segment_shaped() -> None:
     event = build_event("track", user_id="u1", event="Signed Up", properties={"plan": "pro"})
     assert (event["type"], event["userId"], len(event["messageId"])) == ("track", "u1", 36)
@@ -202,6 +229,22 @@ def test_events_are_refused_as_unavailable_when_the_daemon_stays_away(daemon: Da
         client.flush(timeout=10)
     assert caught.value.code == "unavailable"
     client.close()
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_retried_then_surfaces_as_queue_full(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, CONFIG, queue='max_bytes = "1KiB"').start()  # always full
+    try:
+        client = Client(daemon.socket_path, reconnect_timeout=1.0)
+        client.track("u1", "No Room")
+        started = time.monotonic()
+        with pytest.raises(ClientError) as caught:
+            client.flush(timeout=20)
+        assert caught.value.code == "queue_full"
+        assert time.monotonic() - started >= 1.0  # held and sent again before giving up
+        client.close()
+    finally:
+        daemon.kill()
 
 
 @pytest.mark.slow
