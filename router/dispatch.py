@@ -47,6 +47,7 @@ from router.retry import (
     decide,
     full_jitter,
 )
+from router.retry import horizon as retry_horizon
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +244,31 @@ class Dispatcher:
     # -- the retry set ---------------------------------------------------------
 
     async def _retry_loop(self, reader: Reader, senders: trio.Nursery) -> None:
+        # A margin over the horizon, so a retry parked at the very end of it is not mistaken
+        # for a clock step by the time it takes to read it back.
+        furthest = retry_horizon(self.settings.retry) + 60.0
+        # Working off retries parked by a clock step. True at start: the clock may have been
+        # stepped back while the daemon was down.
+        stepped = True
+        drift = self._clock() - trio.current_time()  # wall clock minus monotonic
         while True:
             changed = self._retries_changed
+            now = self._clock()
+            skip = frozenset(self._retrying)
+            name, size = self.settings.name, self.settings.batch_size
+            # Due times are wall-clock: after a step back they lie as far ahead as the clock
+            # lost, and waiting for them would stall this destination that long.
+            previous, drift = drift, now - trio.current_time()
+            if drift < previous - 1.0:
+                log.warning(
+                    "wall clock stepped back destination=%s by=%.0fs", name, previous - drift
+                )
+                stepped = True
             due, next_due = await reader.due_retries(
-                self.settings.name,
-                self._clock(),
-                self.settings.batch_size,
-                frozenset(self._retrying),
+                name, now, size, skip, horizon=furthest if stepped else None
             )
+            if stepped and not due:
+                stepped = False  # every parked retry is sent or on its way
             if due:
                 await self._slots.acquire()
                 self._retrying.update(p.event.seq for p in due)
@@ -258,7 +276,9 @@ class Dispatcher:
                 retried[self.settings.name] = retried.get(self.settings.name, 0) + len(due)
                 senders.start_soon(self._send_retries, due)
                 continue
-            wait = 3600.0 if next_due is None else max(0.0, next_due - self._clock())
+            # From the same reading as the query: a clock stepped back in between must not
+            # turn into an hours-long wait.
+            wait = 3600.0 if next_due is None else max(0.0, next_due - now)
             with trio.move_on_after(wait):
                 await changed.wait()
 

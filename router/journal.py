@@ -729,27 +729,53 @@ class Reader:
         return _events_after(self._conn, seq, limit)
 
     async def due_retries(
-        self, destination: str, now: float, limit: int, skip: frozenset[int]
+        self,
+        destination: str,
+        now: float,
+        limit: int,
+        skip: frozenset[int],
+        *,
+        horizon: float | None = None,
     ) -> tuple[list[PendingRetry], float | None]:
-        """Retries due by ``now`` (not in ``skip``), and the next due time after those."""
-        return await trio.to_thread.run_sync(self._due_retries, destination, now, limit, skip)
+        """Retries due by ``now`` (not in ``skip``), and the next due time after those.
+
+        With ``horizon``, a retry due later than ``now + horizon`` counts as due now: no
+        decision parks one that far, so the wall clock was stepped back since it was made.
+        """
+        return await trio.to_thread.run_sync(
+            self._due_retries, destination, now, limit, skip, horizon
+        )
 
     def _due_retries(
-        self, destination: str, now: float, limit: int, skip: frozenset[int]
+        self,
+        destination: str,
+        now: float,
+        limit: int,
+        skip: frozenset[int],
+        horizon: float | None,
     ) -> tuple[list[PendingRetry], float | None]:
-        rows = self._conn.execute(
+        columns = (
             "SELECT e.seq, e.source, e.message_id, e.received_at, e.body, "
             "r.due, r.attempts, r.first_attempt_at, r.history "
-            "FROM retries r JOIN events e ON e.seq = r.seq "
-            "WHERE r.destination = ? ORDER BY r.due LIMIT ?",
-            (destination, limit + len(skip)),
+            "FROM retries r JOIN events e ON e.seq = r.seq WHERE r.destination = ? "
         )
+        if horizon is None:
+            cut = float("inf")
+            rows = self._conn.execute(
+                columns + "ORDER BY r.due LIMIT ?", (destination, limit + len(skip))
+            )
+        else:  # a full sort, not the index: only while a clock step is being worked off
+            cut = now + horizon
+            rows = self._conn.execute(
+                columns + "ORDER BY CASE WHEN r.due > ? THEN ? ELSE r.due END LIMIT ?",
+                (destination, cut, now, limit + len(skip)),
+            )
         due: list[PendingRetry] = []
         next_due: float | None = None
         for row in rows:
             if row[0] in skip:
                 continue
-            if row[5] > now:
+            if now < row[5] <= cut:
                 next_due = row[5]
                 break
             if len(due) < limit:

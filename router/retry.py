@@ -76,6 +76,15 @@ def backoff_ceiling(attempts: int, policy: RetryPolicy) -> float:
     return float(min(policy.max_backoff, policy.initial * (2.0**exponent)))
 
 
+def horizon(policy: RetryPolicy) -> float:
+    """The furthest ahead of its decision that ``decide`` can put a retry's due time.
+
+    A stored due time further out than this can only come from a wall clock stepped back
+    since the decision (stored due times are wall-clock, so they survive a restart).
+    """
+    return max(policy.max_backoff, policy.max_retry_after)
+
+
 def decide(
     result: AttemptResult,
     *,

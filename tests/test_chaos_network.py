@@ -654,3 +654,82 @@ def test_only_the_socket_group_reaches_ingest_and_only_the_owner_reaches_admin(
         f"nobody_ingest=errno{nobody_ingest} nobody_admin=errno{nobody_admin} "
         f"member_ingest=ok member_admin=errno{member_admin} root_admin=ok",
     )
+
+
+# -- (10) wall-clock jumps ---------------------------------------------------------------------
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def test_wall_clock_jumps_cause_no_retry_storm_and_no_stall(
+    tmp_path: Path,
+    cleanup: list[Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not LIBFAKETIME.exists():
+        pytest.skip("libfaketime missing (Debian package faketime)")
+    # The daemon's wall clock reads this file on every call; CLOCK_MONOTONIC stays real, as it
+    # does when NTP or an operator steps the clock.
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    monkeypatch.setenv("LD_PRELOAD", str(LIBFAKETIME))
+    monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(offset))
+    monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
+    monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+
+    failing = threading.Event()
+    failing.set()
+
+    def answer(_n: int) -> tuple[int, dict[str, str], bytes]:
+        return (503, {}, b"down") if failing.is_set() else (200, {}, b"ok")
+
+    attempts = Attempts(answer)
+    hook = Receiver(attempts)
+    cleanup.append(hook)
+    retry = 'max_attempts = 1000, max_age = "24h", initial = "500ms", max_backoff = "2s"'
+    config = (
+        "[sources.app]\nsocket = true\n"
+        + destination("hook", hook.url, retry)
+        + "\n[[routes]]\nto = ['hook']\n"
+    )
+    daemon = Daemon(tmp_path, config)
+    cleanup.append(daemon)
+    daemon.start()
+    monkeypatch.delenv("LD_PRELOAD")  # the test's own subprocesses (router status) run unfaked
+
+    ids = send(daemon, [str(uuid.uuid4()) for _ in range(20)])
+    assert len(ids) == 20
+    time.sleep(2.0)
+
+    def window(jump: str, seconds: float) -> int:
+        # Atomically: libfaketime must never read a half-written file.
+        fresh = offset.with_suffix(".new")
+        fresh.write_text(jump + "\n")
+        fresh.replace(offset)
+        before = attempts.total()
+        time.sleep(seconds)
+        return attempts.total() - before
+
+    forward = window("+2h", 3.0)
+    backward = window("-1h", 3.0)  # three hours back from +2h
+    failing.clear()
+    recovered = time.monotonic()
+    delivered = hook.wait_for(len(ids), timeout=20)
+    took = time.monotonic() - recovered
+    shown = wait_settled(daemon, ["hook"], timeout=10)["destinations"]["hook"]
+    dup = sum(1 for n in Counter(delivered).values() if n > 1)
+    emit(
+        capsys,
+        f"scenario clock_jumps: acked={len(ids)} delivered={len(set(delivered))} "
+        f"duplicated={dup} lost={len(set(ids) - set(delivered))} dead={shown['dead_lettered']} "
+        f"pending={shown['pending']} attempts_3s_after_+2h={forward} "
+        f"attempts_3s_after_-3h={backward} delivered_after_recovery_in={took:.1f}s",
+    )
+    # Full jitter under a 2s ceiling averages one attempt a second per event; a storm would be
+    # hundreds. A jump back must not park retries for the hours the clock lost.
+    assert forward <= 20 * 8, forward
+    assert backward <= 20 * 8, backward
+    assert set(delivered) == set(ids)
+    assert took < 6.0, took
+    assert shown["delivered"] == len(ids)

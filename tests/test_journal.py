@@ -475,3 +475,24 @@ async def test_a_really_full_filesystem_refuses_and_recovers_when_space_returns(
         assert integrity(path) == [("ok",)]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+async def test_retries_parked_past_the_horizon_count_as_due(tmp_path: Path):
+    """After the wall clock steps back, due times lie hours ahead; the horizon releases them."""
+    async with open_journal(tmp_path / "queue.db") as journal:
+        await journal.ensure_cursors(["hook"])
+        await journal.append("app", events("a", "b", "c"), NOW)
+        retries = [
+            RetryRow(1, due=NOW + 1, attempts=1, first_attempt_at=NOW, history="[]"),
+            RetryRow(2, due=NOW + 3 * 3600, attempts=1, first_attempt_at=NOW, history="[]"),
+            RetryRow(3, due=NOW - 1, attempts=1, first_attempt_at=NOW, history="[]"),
+        ]
+        await journal.record(BatchRecord("hook", cursor=3, retries=retries))
+        reader = journal.reader()
+
+        due, next_due = await reader.due_retries("hook", NOW, 10, frozenset())
+        assert ([p.event.seq for p in due], next_due) == ([3], NOW + 1)
+        due, next_due = await reader.due_retries("hook", NOW, 10, frozenset(), horizon=600)
+        assert ([p.event.seq for p in due], next_due) == ([3, 2], NOW + 1)
+        due, next_due = await reader.due_retries("hook", NOW, 1, frozenset({3}), horizon=600)
+        assert ([p.event.seq for p in due], next_due) == ([2], None)
