@@ -29,7 +29,12 @@ FAST_RETRY = (
 
 
 def config(
-    receiver: Receiver, *, batch_size: int = 10, concurrency: int = 4, extra: str = ""
+    receiver: Receiver,
+    *,
+    batch_size: int = 10,
+    concurrency: int = 4,
+    timeout: str = "5s",
+    extra: str = "",
 ) -> str:
     return f"""
         [sources.web]
@@ -43,7 +48,7 @@ def config(
         batch_size = {batch_size}
         batch_wait = "10ms"
         concurrency = {concurrency}
-        timeout = "5s"
+        timeout = "{timeout}"
         {FAST_RETRY}
         {extra}
 
@@ -331,6 +336,36 @@ def test_restart_after_kill_9_with_a_big_backlog_is_fast(tmp_path, daemons, caps
         shown = status(daemon)
         assert shown["journal"]["events"] == 100_000, shown["journal"]
         assert took < 10
+        assert daemon.stop() == 0
+    finally:
+        receiver.close()
+
+
+def test_the_oracle_sees_a_lost_event_and_a_duplicate_no_crash_explains(tmp_path, daemons):
+    """The oracle can fail: an acked id the journal never got is lost, and a redelivery after a
+    timeout (the receiver took the event, answered too late) is a duplicate with no crash."""
+
+    def slow_first(_request: ReceivedRequest, index: int) -> tuple[int, dict[str, str], bytes]:
+        if index == 0:
+            time.sleep(0.5)
+        return 200, {}, b"ok"
+
+    receiver = Receiver(policy=slow_first)
+    try:
+        daemon = Daemon(tmp_path, config(receiver, batch_size=1, concurrency=1, timeout="200ms"))
+        daemons.append(daemon)
+        daemon.start()
+        load = Load(daemon, http_clients=0, socket_clients=1, batch=1)
+        load.start()
+        load.wait_acked(5)
+        load.stop()
+        report = check("oracle-self-test", daemon, {*load.acked, "never-sent"}, {"hook": receiver})
+        assert report.lost == ["never-sent"]
+        # The receiver answers in turn, so whatever queued behind the slow answer timed out too.
+        assert report.duplicated >= 1
+        assert receiver.accepted[0].events()[0]["messageId"] in report.unexplained
+        with pytest.raises(AssertionError, match="lost"):
+            report.assert_ok()
         assert daemon.stop() == 0
     finally:
         receiver.close()
