@@ -73,6 +73,15 @@ def daemons() -> Iterator[list[Daemon]]:
             daemon.kill()
 
 
+@pytest.fixture
+def soak_selected(request: pytest.FixtureRequest) -> None:
+    """The long runs go only when asked for by name (``-m soak``): ``-m slow`` alone, which
+    overrides the default ``-m 'not soak'``, must not start a 30-minute test."""
+    expression = str(request.config.getoption("markexpr")).replace("not soak", "")
+    if "soak" not in expression:
+        pytest.skip("a soak run: select it with -m soak")
+
+
 def restart(daemon: Daemon) -> float:
     """Start the daemon again on its data directory; seconds until ``/ready``."""
     began = time.monotonic()
@@ -123,6 +132,7 @@ def test_kill_9_during_ingest_loses_nothing_acked(tmp_path, daemons, receiver, s
 
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", range(5, 55))
+@pytest.mark.usefixtures("soak_selected")
 def test_kill_9_during_ingest_many_seeds(tmp_path, daemons, receiver, seed, capsys):
     kill_9_during_ingest(tmp_path, daemons, receiver, seed, rounds=10, capsys=capsys)
 
@@ -306,6 +316,7 @@ def test_short_soak_with_flapping_receiver_and_kills_stays_flat(tmp_path, daemon
 
 
 @pytest.mark.soak
+@pytest.mark.usefixtures("soak_selected")
 def test_thirty_minute_soak_stays_flat(tmp_path, daemons, capsys):
     soak(tmp_path, daemons, capsys, seconds=30 * 60, kill_every=120)
 
