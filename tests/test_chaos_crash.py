@@ -131,7 +131,7 @@ def test_kill_9_during_ingest_loses_nothing_acked(tmp_path, daemons, receiver, s
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(5, 55))
+@pytest.mark.parametrize("seed", range(5, 25))
 @pytest.mark.usefixtures("soak_selected")
 def test_kill_9_during_ingest_many_seeds(tmp_path, daemons, receiver, seed, capsys):
     kill_9_during_ingest(tmp_path, daemons, receiver, seed, rounds=10, capsys=capsys)
