@@ -272,6 +272,10 @@ def check(
 
     Waits for the daemon to settle first; a destination that never settles leaves its ids
     pending, which ``Report.assert_ok`` refuses unless told otherwise.
+
+    An acked id counts as delivered when any receiver took it (routes decide who should);
+    per destination, a settled ``delivered`` count must equal the distinct ids its receiver
+    holds, so a destination that records a delivery its receiver never saw is caught there.
     """
     shown = settle(daemon, receivers, settle_timeout)
     inspector = Inspector(daemon.data_dir / "queue.db")
