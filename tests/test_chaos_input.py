@@ -13,10 +13,12 @@ Extends ``test_segment_api.py``'s bad-input table rather than repeating it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import itertools
 import json
 import socket
+import struct
 import time
 import zlib
 from collections import Counter
@@ -1128,6 +1130,29 @@ def test_a_huge_socket_line_is_refused_and_the_stream_goes_on(target: Target, sp
     assert {a.get("code") for a in acks[1::2]} == {"too_large"}
     assert len(target.stored_since(head)) == 2
     target.head()
+
+
+def test_clients_that_reset_mid_exchange_hurt_nothing(target: Target):
+    """Bad input, then a reset instead of reading the answer (SO_LINGER 0): on both
+    listeners, many times, with a partial line or request left behind."""
+    before = target.count()
+    reset = struct.pack("ii", 1, 0)
+    bad_lines = b"\n".join(SOCKET_LINES[:8]) * 50 + b'\n{"type": "tra'
+    framing = [p.values[0] for p in FRAMING if 200 not in p.values[1]]
+    for n in range(30):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(target.daemon.socket_path))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+            sock.sendall(bad_lines[: len(bad_lines) * (n + 1) // 30])
+        with socket.create_connection(("127.0.0.1", target.daemon.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+            data = framing[n % len(framing)]
+            with contextlib.suppress(OSError):
+                sock.sendall(data[: len(data) * (n + 1) // 30])
+        target.tally.requests += 2
+    time.sleep(0.2)  # let the daemon see the resets before asking it anything
+    target.alive()
+    target.refused(before)
 
 
 LINE = (
