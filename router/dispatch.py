@@ -247,9 +247,10 @@ class Dispatcher:
         # A margin over the horizon, so a retry parked at the very end of it is not mistaken
         # for a clock step by the time it takes to read it back.
         furthest = retry_horizon(self.settings.retry) + 60.0
-        # Working off retries parked by a clock step. True at start: the clock may have been
-        # stepped back while the daemon was down.
-        stepped = True
+        # While working off retries parked by a clock step: how far ahead a due time can be
+        # before it counts as due now. At start, the clock may have been stepped back while
+        # the daemon was down, by an unknown amount: only what no decision could produce.
+        horizon: float | None = furthest
         drift = self._clock() - trio.current_time()  # wall clock minus monotonic
         while True:
             changed = self._retries_changed
@@ -263,12 +264,12 @@ class Dispatcher:
                 log.warning(
                     "wall clock stepped back destination=%s by=%.0fs", name, previous - drift
                 )
-                stepped = True
-            due, next_due = await reader.due_retries(
-                name, now, size, skip, horizon=furthest if stepped else None
-            )
-            if stepped and not due:
-                stepped = False  # every parked retry is sent or on its way
+                # Seen happen: anything beyond a backoff is parked. A Retry-After longer
+                # than max_backoff may be cut short once; better than a stall.
+                horizon = self.settings.retry.max_backoff + 1.0
+            due, next_due = await reader.due_retries(name, now, size, skip, horizon=horizon)
+            if not due:
+                horizon = None  # every parked retry is sent or on its way
             if due:
                 await self._slots.acquire()
                 self._retrying.update(p.event.seq for p in due)

@@ -712,7 +712,10 @@ def test_wall_clock_jumps_cause_no_retry_storm_and_no_stall(
         return attempts.total() - before
 
     forward = window("+2h", 3.0)
-    backward = window("-1h", 3.0)  # three hours back from +2h
+    # 30 minutes back: less than the longest Retry-After honoured (1h), so only noticing
+    # the step releases the retries it parked.
+    back_short = window("+90m", 3.0)
+    backward = window("-1h", 3.0)  # two and a half hours further back
     failing.clear()
     recovered = time.monotonic()
     delivered = hook.wait_for(len(ids), timeout=20)
@@ -724,12 +727,17 @@ def test_wall_clock_jumps_cause_no_retry_storm_and_no_stall(
         f"scenario clock_jumps: acked={len(ids)} delivered={len(set(delivered))} "
         f"duplicated={dup} lost={len(set(ids) - set(delivered))} dead={shown['dead_lettered']} "
         f"pending={shown['pending']} attempts_3s_after_+2h={forward} "
-        f"attempts_3s_after_-3h={backward} delivered_after_recovery_in={took:.1f}s",
+        f"attempts_3s_after_-30m={back_short} attempts_3s_after_-2h30m={backward} "
+        f"delivered_after_recovery_in={took:.1f}s",
     )
     # Full jitter under a 2s ceiling averages one attempt a second per event; a storm would be
     # hundreds. A jump back must not park retries for the hours the clock lost.
     assert forward <= 20 * 8, forward
     assert backward <= 20 * 8, backward
+    assert back_short <= 20 * 8, back_short
+    # Not stalled either: with a 2s backoff ceiling, 20 events retry a few times in 3s.
+    assert back_short >= 10, back_short
+    assert backward >= 10, backward
     assert set(delivered) == set(ids)
     assert took < 6.0, took
     assert shown["delivered"] == len(ids)
