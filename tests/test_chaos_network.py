@@ -143,6 +143,12 @@ class RawServer:
                     return
                 with self.lock:
                     self.held.append(conn)
+                # Never answer; let go only when the daemon gives up and closes its end.
+                while conn.recv(65536):
+                    pass
+                with self.lock:
+                    self.held.remove(conn)
+                conn.close()
                 return
         except OSError:
             conn.close()
@@ -315,15 +321,18 @@ def test_thousands_of_failures_leak_no_descriptors_or_memory(
 ) -> None:
     e500 = Attempts(lambda _n: (500, {}, b"boom"))
     failing = Receiver(e500)
-    reset = RawServer("reset")
-    cleanup.extend([failing, reset])
+    reset, hang = RawServer("reset"), RawServer("hang")
+    cleanup.extend([failing, reset, hang])
     retry = 'max_attempts = 10, max_age = "0s", initial = "1ms", max_backoff = "5ms"'
+    few = 'max_attempts = 3, max_age = "0s", initial = "1ms", max_backoff = "5ms"'
     config = (
         "[sources.app]\nsocket = true\n"
         + destination("e500", failing.url, retry)
         + destination("reset", reset.url, retry)
-        + "\n[[routes]]\nto = ['e500', 'reset']\n"
+        + destination("hang", hang.url, few, timeout="100ms")
+        + "\n[[routes]]\nto = ['e500', 'reset', 'hang']\n"
     )
+    names = ["e500", "reset", "hang"]
     daemon = Daemon(tmp_path, config)
     cleanup.append(daemon)
     daemon.start()
@@ -337,7 +346,7 @@ def test_thousands_of_failures_leak_no_descriptors_or_memory(
 
     # Warm up: every code path, connection pool and cache is in use before the baseline.
     warm = run(20)
-    shown = wait_settled(daemon, ["e500", "reset"], timeout=60)
+    shown = wait_settled(daemon, names, timeout=60)
     fds_before, rss_before = fd_count(pid), proc_status(pid, "VmRSS")
     threads_before = proc_status(pid, "Threads")
     attempts_before = e500.total() + reset.total()
@@ -347,7 +356,7 @@ def test_thousands_of_failures_leak_no_descriptors_or_memory(
     deadline = started + 90
     while time.monotonic() < deadline:
         shown = status(daemon)
-        if all(shown["destinations"][n]["dead_lettered"] == 120 for n in ("e500", "reset")):
+        if all(shown["destinations"][n]["dead_lettered"] == 120 for n in names):
             break
         time.sleep(0.2)
     took = time.monotonic() - started
@@ -355,18 +364,24 @@ def test_thousands_of_failures_leak_no_descriptors_or_memory(
     fds_after, rss_after = fd_count(pid), proc_status(pid, "VmRSS")
     threads_after = proc_status(pid, "Threads")
     failures = e500.total() + reset.total() - attempts_before
+    timeouts = hang.total()
 
-    for name in ("e500", "reset"):
+    for name in names:
         d = shown["destinations"][name]
         assert d["dead_lettered"] == len(warm) + len(ids), (name, d)
         assert d["pending"] == 0
     assert failures >= 2000, failures
+    assert timeouts == 3 * (len(warm) + len(ids)), timeouts
+    # The daemon hung up on every attempt it gave up on: none is left open at the peer.
+    with hang.lock:
+        assert hang.held == [], len(hang.held)
     emit(
         capsys,
         f"scenario failure_leaks: acked={len(warm) + len(ids)} delivered=0 duplicated=0 lost=0 "
-        f"dead={2 * (len(warm) + len(ids))} pending=0 failed_attempts={failures} in {took:.1f}s "
+        f"dead={3 * (len(warm) + len(ids))} pending=0 failed_attempts={failures} "
+        f"timed_out_attempts={timeouts} in {took:.1f}s "
         f"fds={fds_before}->{fds_after} rss_kib={rss_before}->{rss_after} "
-        f"threads={threads_before}->{threads_after}",
+        f"threads={threads_before}->{threads_after} hung_conns_left_open={len(hang.held)}",
     )
     assert fds_after <= fds_before + 4, (fds_before, fds_after)
     assert threads_after <= threads_before + 2, (threads_before, threads_after)
