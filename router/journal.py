@@ -425,18 +425,26 @@ class Journal:
         limit = self._max_bytes if max_bytes is None else max_bytes
         cutoff = age_cutoff(now, retention, self._dedupe_window)
         progress = Progress()
+        reindexed = False
         for _ in range(max_steps):
             started = trio.current_time()
-            choice, pressure, freed = await self._submit(
-                partial(
-                    self._prune_step,
-                    after=progress.after,
-                    cutoff=cutoff,
-                    max_bytes=limit,
-                    relieving=progress.relieving,
-                    step=step,
-                )
+            prune_step = partial(
+                self._prune_step,
+                after=progress.after,
+                cutoff=cutoff,
+                max_bytes=limit,
+                relieving=progress.relieving,
+                step=step,
             )
+            try:
+                choice, pressure, freed = await self._submit(prune_step)
+            except CorruptIndexError as exc:
+                if reindexed:
+                    raise
+                log.warning("the queue's indexes are damaged; rebuilding them: %s", exc)
+                await self._submit(_reindex)
+                reindexed = True
+                continue
             progress.add(choice, pressure=pressure, freed_pages=freed)
             if progress.complete:
                 break
@@ -658,13 +666,26 @@ def _checkpoint(conn: apsw.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+class CorruptIndexError(JournalError):
+    """SQLite found the file damaged while writing (quick_check at start-up does not match
+    indexes against rows, so index damage shows up only here)."""
+
+
 def _map_error(exc: BaseException, doing: str) -> BaseException:
     """The one place where the writer's foreign exceptions get their meaning."""
     if isinstance(exc, RouterError):
         return exc
     if isinstance(exc, apsw.FullError):
         return QueueFullError(f"the disk holding the queue is full: {exc}")
+    if isinstance(exc, apsw.CorruptError):
+        return CorruptIndexError(f"{doing}: {exc}")
     return JournalError(f"{doing}: {exc}")
+
+
+def _reindex(conn: apsw.Connection) -> None:
+    # Indexes hold nothing that is not in the tables: rebuilding them from the rows repairs
+    # index damage without losing an event. Damage in the rows themselves stays an error.
+    conn.execute("REINDEX")
 
 
 def _apply_record(conn: apsw.Connection, batch: BatchRecord) -> None:
