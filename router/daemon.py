@@ -121,6 +121,7 @@ class Daemon:
                 max_bytes=config.queue.max_bytes,
             ) as journal:
                 await self._serve(journal, destinations, task_status)
+        self.notifier.close()
         log.info("router stopped")
 
     async def _serve(

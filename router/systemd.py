@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -118,6 +119,13 @@ class Notifier:
 # One Notifier per address for notify(): it is called every few seconds, and a socket per call
 # would be a waste (and, in a loop without pauses, a way to run out of fds).
 _shared: dict[str, Notifier] = {}
+
+
+@atexit.register
+def _close_shared() -> None:
+    for notifier in _shared.values():
+        notifier.close()
+    _shared.clear()
 
 
 def notify(state: str, *, environ: Mapping[str, str] = os.environ) -> bool:
