@@ -19,7 +19,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,13 +261,6 @@ def mount_tmpfs(where: Path, size: str) -> None:
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.close()
 
 
 def hook_config(url: str, *, sources: str = "") -> str:

@@ -11,7 +11,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,22 +40,6 @@ def webhook_config(url: str, *, extra: str = "", retry: str = FAST_RETRY) -> str
         [[routes]]
         to = ["hook"]
         """
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
 
 
 def start(daemons: list[Daemon], tmp_path: Path, config: str) -> Daemon:

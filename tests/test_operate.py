@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,15 +91,6 @@ def settle(daemon: Daemon, destinations: list[str], timeout: float = 30) -> dict
         if not busy or time.monotonic() > deadline:
             return shown
         time.sleep(0.2)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
 
 
 def test_conservation_holds_through_random_failures(tmp_path: Path, daemons: list[Daemon]):

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -69,22 +68,6 @@ def router_config(receiver_url: str, http: str = "") -> str:
         [[routes]]
         to = ["hook"]
         """
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
 
 
 def start(daemons: list[Daemon], tmp_path: Path, config: str) -> Daemon:

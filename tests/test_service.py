@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -62,13 +61,6 @@ class NotifySocket:
         self._stop.set()
         self._thread.join()
         self.sock.close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver()
-    yield started
-    started.close()
 
 
 HOOK = """
