@@ -8,6 +8,7 @@ with ``send`` and ``aclose`` (see ``base.py``).
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,6 +30,33 @@ BUILT_INS: dict[str, Factory] = {
     "file": FileDestination,
     "stdout": StdoutDestination,
 }
+
+# Built-ins that need a client library from an extra ("pip install 'router[postgres]'"): imported
+# only when a config uses them, so the daemon starts without libraries it does not need.
+OPTIONAL_BUILT_INS = {
+    "segment": ("router.destinations.segment", "SegmentDestination", None),
+    "postgres": ("router.destinations.postgres", "PostgresDestination", "postgres"),
+    "nats": ("router.destinations.nats", "NatsDestination", "nats"),
+    "redis": ("router.destinations.redis", "RedisDestination", "redis"),
+}
+
+
+def _optional(type_name: str) -> Factory:
+    module_name, class_name, extra = OPTIONAL_BUILT_INS[type_name]
+
+    def factory(context: BuildContext) -> Destination:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            hint = f": pip install 'router[{extra}]'" if extra else ""
+            raise context.error("type", f"{type_name!r} needs {exc.name}{hint}") from exc
+        built: Destination = getattr(module, class_name)(context)
+        return built
+
+    return factory
+
+
+BUILT_INS.update({type_name: _optional(type_name) for type_name in OPTIONAL_BUILT_INS})
 
 
 def discover(plugin_dirs: Iterable[Path] = ()) -> dict[str, Factory]:
