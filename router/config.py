@@ -201,7 +201,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Keys whose destination option values are resolved as secrets: always for these ...
-_SECRET_KEYS = frozenset({"secret", "password", "token"})
+_SECRET_KEYS = frozenset({"secret", "password", "token", "write_key"})
 # ... and only when written as ``env:``/``file:`` references for these (and headers' values).
 _REFERENCE_KEYS = frozenset({"url", "dsn"})
 
