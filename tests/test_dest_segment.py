@@ -118,6 +118,14 @@ def context(**options: Any) -> BuildContext:
             "destinations.hub.gzip: Expected `bool`, got `str`",
         ),
         (
+            {"url": "http://h", "write_key": "wk", "max_batch_bytes": "4 megs"},
+            "destinations.hub.max_batch_bytes: invalid size '4 megs'",
+        ),
+        (
+            {"url": "http://h", "write_key": "wk", "max_event_bytes": 100},
+            "destinations.hub.max_event_bytes: must be at least 1024 bytes",
+        ),
+        (
             {"url": "http://h", "write_key": "wk", "writekey": "x"},
             "destinations.hub: Object contains unknown field `writekey`",
         ),
@@ -126,7 +134,7 @@ def context(**options: Any) -> BuildContext:
 def test_option_errors_point_at_the_key(options: dict[str, Any], message: str):
     with pytest.raises(ConfigError) as error:
         SegmentDestination(context(**options))
-    assert str(error.value) == message
+    assert str(error.value).startswith(message)
 
 
 def test_a_write_key_from_an_unset_environment_variable_is_a_config_error(
@@ -252,7 +260,7 @@ async def test_a_connection_failure_is_retryable():
 
 async def test_a_big_batch_goes_as_several_requests_within_the_byte_limit():
     recorder = Recorder()
-    hub = destination(recorder, max_batch_bytes=2048, gzip=False)
+    hub = destination(recorder, max_batch_bytes="2KiB", gzip=False)
     batch = deliveries(20)
     assert await hub.send(batch) is None
     await hub.aclose()

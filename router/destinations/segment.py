@@ -45,6 +45,7 @@ from router.destinations.base import (
 from router.destinations.webhook import EXCERPT_BYTES, USER_AGENT
 from router.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from router.retry import classify_status, parse_retry_after
+from router.units import parse_size
 
 # Segment: 32 KB per event, 500 KB per request, 2500 events per request. "KB" is read as 1000
 # bytes for the request (analytics-python stops at 475,000) and 1024 for the event (it checks
@@ -52,6 +53,7 @@ from router.retry import classify_status, parse_retry_after
 SEGMENT_MAX_EVENT_BYTES = 32 * 1024
 SEGMENT_MAX_BATCH_BYTES = 500_000
 SEGMENT_MAX_BATCH_EVENTS = 2500
+MIN_LIMIT_BYTES = 1024
 # gzip level 1: JSON still shrinks ~5x, at a fraction of level 6's CPU on the event loop.
 GZIP_LEVEL = 1
 
@@ -61,8 +63,9 @@ class SegmentOptions(msgspec.Struct, forbid_unknown_fields=True):
     write_key: str
     gzip: bool = True
     headers: dict[str, str] = {}
-    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024)] = SEGMENT_MAX_EVENT_BYTES
-    max_batch_bytes: Annotated[int, msgspec.Meta(ge=1024)] = SEGMENT_MAX_BATCH_BYTES
+    # Sizes as in [http]: "32KiB", "4MB", or a number of bytes.
+    max_event_bytes: int | str = SEGMENT_MAX_EVENT_BYTES
+    max_batch_bytes: int | str = SEGMENT_MAX_BATCH_BYTES
     max_batch_events: Annotated[int, msgspec.Meta(ge=1)] = SEGMENT_MAX_BATCH_EVENTS
 
 
@@ -151,6 +154,8 @@ class SegmentDestination:
             raise context.error("url", f"not an http(s) URL: {options.url!r}")
         if not options.write_key:
             raise context.error("write_key", "empty write key")
+        self._max_event = _size(context, "max_event_bytes", options.max_event_bytes)
+        self._max_batch = _size(context, "max_batch_bytes", options.max_batch_bytes)
         self._options = options
         self._url = batch_url(url)
         self._headers = {
@@ -170,12 +175,11 @@ class SegmentDestination:
     async def send(self, batch: Sequence[Delivery]) -> Sequence[AttemptResult] | None:
         now = time.time()
         bodies = [shift_sent_at(d.body, now - d.received_at) for d in batch]
-        options = self._options
         cut = split(
             [len(body) for body in bodies],
-            max_event=options.max_event_bytes,
-            max_batch=options.max_batch_bytes,
-            max_events=options.max_batch_events,
+            max_event=self._max_event,
+            max_batch=self._max_batch,
+            max_events=self._options.max_batch_events,
         )
         if not cut.too_large and len(cut.requests) == 1:
             await self._post(bodies, now)  # the common case: its errors are the batch's
@@ -232,6 +236,16 @@ class SegmentDestination:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _size(context: BuildContext, key: str, value: int | str) -> int:
+    try:
+        size = value if isinstance(value, int) else parse_size(value)
+    except ValueError as exc:
+        raise context.error(key, str(exc)) from exc
+    if size < MIN_LIMIT_BYTES:
+        raise context.error(key, f"must be at least {MIN_LIMIT_BYTES} bytes")
+    return size
 
 
 def _detail(exc: DeliveryError) -> str:
