@@ -112,12 +112,24 @@ class QueueConfig(msgspec.Struct, frozen=True, kw_only=True):
     dedupe_window: float = 24 * 3600.0
 
 
+class NatsSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A durable JetStream pull consumer feeding a source (a hub taking what edges published)."""
+
+    url: Secret  # nats://[user:password@]host:port; may hold credentials, so never logged
+    consumer: str  # the durable consumer's name: one per hub (hubs sharing it share the work)
+    stream: str = "EVENTS"
+    subject: str = ""  # the consumer's filter; "" takes the whole stream
+    batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500  # messages per pull and commit
+    ack_wait: float = 30.0  # unacked this long (say, the hub died): the server redelivers
+
+
 class SourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     write_key: Secret | None = None
     socket: bool = False
     raw: bool = False  # accept plain JSON objects that are not Segment calls
     plan: Path | None = None  # a tracking plan (JSON), relative to the config file
+    nats: NatsSourceConfig | None = None
 
 
 class SampleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -227,6 +239,7 @@ _UNITS: dict[str, dict[str, _Unit]] = {  # TOML writes these as strings; the Str
     },
     "destination": {"batch_wait": _DURATION, "timeout": _DURATION},
     "retry": dict.fromkeys(("max_age", "initial", "max_backoff", "max_retry_after"), _DURATION),
+    "nats": {"ack_wait": _DURATION},
 }
 _SECTIONS = ("server", "http", "queue", "sources", "destinations", "routes")
 
@@ -417,10 +430,29 @@ class _Builder:
         if isinstance(table.get("write_key"), str):
             key = self.secret(table["write_key"], join_key(prefix, "write_key"))
             table = {**table, "write_key": key}
+        if "nats" in table:
+            table = {**table, "nats": self.nats_source(self.table(table, "nats", prefix), prefix)}
         source = self.convert(table, SourceConfig, prefix, name=name)
         if source.plan is not None:
             source = msgspec.structs.replace(source, plan=self.base_dir / source.plan)
         return source
+
+    def nats_source(self, table: dict[str, Any], source: str) -> dict[str, Any]:
+        prefix = join_key(source, "nats")
+        table = self.units(table, "nats", prefix)
+        url = table.get("url")
+        if isinstance(url, str):
+            table["url"] = secret = self.secret(url, join_key(prefix, "url"))
+            if not secret.reveal().startswith("nats://"):
+                raise self.error(join_key(prefix, "url"), "expected a nats:// URL")
+        for key in ("stream", "consumer"):
+            name = table.get(key)
+            if isinstance(name, str) and not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise self.error(join_key(prefix, key), "a name of letters, digits, '_' and '-'")
+        subject = table.get("subject")
+        if isinstance(subject, str) and re.search(r"\s|^\.|\.$|\.\.", subject):
+            raise self.error(join_key(prefix, "subject"), f"not a NATS subject: {subject!r}")
+        return table
 
     def check_sources(self, sources: dict[str, SourceConfig], server: ServerConfig) -> None:
         socket_owner: str | None = None

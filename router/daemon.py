@@ -35,6 +35,7 @@ from router.dispatch import DispatchSettings
 from router.errors import RouterError
 from router.fleet import Fleet
 from router.ingress.http import HttpLimits, HttpServer, Request, Response
+from router.ingress.nats import start_nats_sources
 from router.ingress.segment import SegmentApi, is_segment_path
 from router.ingress.unix import SocketSource, UnixIngress, bind_unix_socket
 from router.journal import Journal, open_journal
@@ -149,6 +150,7 @@ class Daemon:
                 async with trio.open_nursery() as ingress_nursery:
                     await self._start_admin(journal, ingress_nursery)
                     http = await self._start_ingress(journal, ingress_nursery)
+                    start_nats_sources(config, journal, self.plans, ingress_nursery)
                     for name, unused in self.activated.items():
                         for sock in unused:  # a socket unit the config does not listen on
                             log.warning(

@@ -269,8 +269,20 @@ class Connection:
     async def fetch(
         self, stream: str, consumer: str, *, batch: int, expires: float
     ) -> list[wire.Msg]:
-        """One pull request: up to ``batch`` messages, waiting at most ``expires`` seconds
-        for the first. Each message's ``reply`` is the subject to ack it on."""
+        """Up to ``batch`` messages, as soon as there are any, waiting at most ``expires``
+        seconds for the first. Each message's ``reply`` is the subject to ack it on.
+
+        A pull for ``batch`` messages would hold the ones that came until the batch filled or
+        the pull expired; so first take what is there (``no_wait``), and only when that is
+        nothing, wait for one message; the next call takes the rest."""
+        got = await self._pull(stream, consumer, {"batch": batch, "no_wait": True}, batch)
+        if got:
+            return got
+        return await self._pull(stream, consumer, {"batch": 1, "expires": int(expires * 1e9)}, 1)
+
+    async def _pull(
+        self, stream: str, consumer: str, request: dict[str, Any], batch: int
+    ) -> list[wire.Msg]:
         token = self._pull_prefix + self._token()
         got: list[wire.Msg] = []
         finished = False
@@ -285,7 +297,6 @@ class Connection:
                 if msg.status == 409:
                     log.warning("nats pull ended: %s", msg.description)
 
-        request = {"batch": batch, "expires": int(expires * 1e9)}
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}".encode()
         self._on_pull = on_pull
         try:
