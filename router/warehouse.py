@@ -21,10 +21,11 @@ Type choices, so that a batch never fails because of the shape of its data:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -114,12 +115,14 @@ _CAMEL_ACRONYM = re.compile(r"([A-Z]+)([A-Z][a-z])")
 _NOT_WORD = re.compile(r"[\W_]+")
 
 
+@functools.lru_cache(maxsize=16384)  # names repeat in every event: compute each once
 def snake_case(name: str) -> str:
     """``Order Completed`` -> ``order_completed``, ``orderId`` -> ``order_id``; may be ''."""
     spaced = _CAMEL_ACRONYM.sub(r"\1_\2", _CAMEL_LOWER_UPPER.sub(r"\1_\2", name))
     return _NOT_WORD.sub("_", spaced).strip("_").lower()
 
 
+@functools.lru_cache(maxsize=16384)
 def identifier(name: str) -> str:
     """A safe column/table/schema name: at most 63 bytes, never empty, not digit-first.
 
@@ -280,24 +283,28 @@ def plan_table(
     newer (by ``received_at``) winning per column."""
     if upsert:
         rows = _merge_by_id(rows)
-    names = list(dict.fromkeys(["id", *(name for row in rows for name in row)]))
+    seen: dict[str, Any] = {"id": None}
+    for row in rows:
+        seen.update(row)  # in C: the columns in order of first appearance
+    names = list(seen)
     add = {name: _infer(name, rows) for name in names if name not in known}
     kinds = tuple(kind_of_type(known[n]) if n in known else add[n] for n in names)
     types = tuple(known.get(n, SQL_TYPES[add.get(n, "text")]) for n in names)
+    converters = [_CONVERTERS[kind] for kind in kinds]
     planned: list[tuple[Any, ...]] = []
     discards: list[Discard] = []
     for row in rows:
+        get = row.get
         values: list[Any] = []
-        row_id = str(row.get("id"))
-        for name, kind in zip(names, kinds, strict=True):
-            value = row.get(name)
-            if value is None:
-                values.append(None)
-                continue
-            fits, converted = coerce(kind, value)
-            if not fits:
-                discards.append(Discard(table, name, row_id, _as_text(value)))
-            values.append(converted)
+        for name, convert in zip(names, converters, strict=True):
+            value = get(name)
+            if value is not None:
+                converted = convert(value)
+                if converted is _MISFIT:
+                    discards.append(Discard(table, name, str(get("id")), _as_text(value)))
+                    converted = None
+                value = converted
+            values.append(value)
         planned.append(tuple(values))
     return TablePlan(table, add, tuple(names), kinds, types, planned, discards)
 
@@ -320,38 +327,48 @@ def _kind_of_value(value: Any) -> Kind:
     return "text"
 
 
+_MISFIT = object()  # what a converter returns for a value its column cannot hold
+
+
 def coerce(kind: Kind, value: Any) -> tuple[bool, Any]:
     """(True, the value as the column takes it) or (False, None) when it does not fit."""
-    if kind in ("text", "other"):
-        return True, _as_text(value)
-    if kind == "number":
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int past float's range
-                return False, None
-            return (True, number) if math.isfinite(number) else (False, None)
-        return False, None
-    if kind == "boolean":
-        return (True, value) if isinstance(value, bool) else (False, None)
+    converted = _CONVERTERS[kind](value)
+    return (False, None) if converted is _MISFIT else (True, converted)
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            return _MISFIT
+        return number if math.isfinite(number) else _MISFIT
+    return _MISFIT
+
+
+def _as_boolean(value: Any) -> Any:
+    return value if isinstance(value, bool) else _MISFIT
+
+
+def _as_timestamp(value: Any) -> Any:
     if isinstance(value, datetime):
-        return True, value
+        return value
     if isinstance(value, str):
-        parsed = _parse_time(value)
-        return (parsed is not None), parsed
-    return False, None
+        return _parse_time(value)
+    return _MISFIT
 
 
-def _parse_time(text: str) -> datetime | None:
+@functools.lru_cache(maxsize=4096)  # the events of a batch share their receivedAt
+def _parse_time(text: str) -> Any:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        return None
+        return _MISFIT
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _as_text(value: Any) -> str:
-    if isinstance(value, str):
+    if type(value) is str:
         # Postgres text cannot hold NUL; U+FFFD keeps the position visible.
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
     if isinstance(value, bool):
@@ -359,6 +376,15 @@ def _as_text(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     return msgspec.json.encode(value).decode()
+
+
+_CONVERTERS: dict[Kind, Callable[[Any], Any]] = {
+    "text": _as_text,
+    "other": _as_text,
+    "number": _as_number,
+    "boolean": _as_boolean,
+    "timestamp": _as_timestamp,
+}
 
 
 def _merge_by_id(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -129,12 +129,13 @@ class PostgresServer:
             self.process.send_signal(signal.SIGINT)
             self.process.wait(timeout=timeout)
 
-    def kill(self) -> None:
-        """SIGKILL to the postmaster: crash recovery on the next start (children exit on their
-        own once the postmaster is gone)."""
+    def crash(self, timeout: float = 30.0) -> None:
+        """Immediate shutdown (SIGQUIT): every backend quits at once, no checkpoint, so the next
+        start runs crash recovery. (SIGKILL to the postmaster would leave its backends holding
+        the shared memory, and the restart on the same directory would be refused.)"""
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.process.send_signal(signal.SIGQUIT)
+            self.process.wait(timeout=timeout)
 
     def close(self) -> None:
         self.stop()

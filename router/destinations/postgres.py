@@ -158,7 +158,7 @@ class PostgresDestination:
             if session is None or session.conn.closed:
                 session = self._connect()
             self._write_isolating(session, items, results)
-        except psycopg.Error as exc:
+        except (psycopg.Error, _SchemaChangeFailed) as exc:
             self._schemas.clear()
             broken = session is None or session.conn.broken
             if broken and session is not None:
@@ -212,12 +212,17 @@ class PostgresDestination:
             for row in rows:
                 grouped[schema, row.table].append(row.values)
         plans: list[tuple[str, TablePlan]] = []
-        # Sorted: every writer takes the tables in one order, so two never deadlock.
-        for (schema, table), rows in sorted(grouped.items()):
-            plans.append((schema, self._plan(conn, schema, table, rows)))
-        discards = [(schema, d) for schema, plan in plans for d in plan.discards]
-        for schema in sorted({schema for schema, _ in discards}):
-            self._ensure_discards(conn, schema)
+        try:
+            # Sorted: every writer takes the tables in one order, so two never deadlock.
+            for (schema, table), rows in sorted(grouped.items()):
+                plans.append((schema, self._plan(conn, schema, table, rows)))
+            discards = [(schema, d) for schema, plan in plans for d in plan.discards]
+            for schema in sorted({schema for schema, _ in discards}):
+                self._ensure_discards(conn, schema)
+        except psycopg.Error as exc:
+            # Not the events' fault even when the SQLSTATE says so: two writers creating one
+            # table at once can collide in the catalog (23505); the retry finds it made.
+            raise _SchemaChangeFailed(exc) from exc
         if len(session.staged) > MAX_STAGING_TABLES:
             conn.execute("DISCARD TEMP")
             session.staged.clear()
@@ -239,7 +244,7 @@ class PostgresDestination:
         # Another writer may have made a column first, with another type: plan on what is.
         known = self._schemas.columns(conn, schema, table, refresh=True)
         plan = plan_table(table, rows, known or {}, upsert=upsert)
-        if plan.add:
+        if plan.add:  # dropped again at once, say: the retry will see
             raise psycopg.ProgrammingError(f"columns still missing in {table}: {list(plan.add)}")
         return plan
 
@@ -254,6 +259,13 @@ class PostgresDestination:
             ).format(sql.Identifier(schema), sql.Identifier(DISCARDS_TABLE))
         )
         self._schemas.columns(conn, schema, DISCARDS_TABLE, refresh=True)
+
+
+class _SchemaChangeFailed(Exception):
+    """Reading or changing the schema failed: the whole batch retries."""
+
+    def __init__(self, cause: psycopg.Error) -> None:
+        super().__init__(f"schema change: {cause}")
 
 
 @dataclass(frozen=True, slots=True)
