@@ -5,7 +5,9 @@
 Against a throwaway redis-server (tests/redis_server.py: AOF on, ``appendfsync always``) pinned
 to CPU 1:
 - *send() alone*: the destination called in a loop with batches of 100 prepared events, with
-  the dedupe script (the default) and with plain pipelined XADDs (``dedupe_window = "0s"``);
+  the dedupe script (the default) and with plain pipelined XADDs (``dedupe_window = "0s"``),
+  and the time Redis itself spent per event (``INFO commandstats``: steadier than rates on a
+  shared machine);
 - *end to end*: a router daemon on CPU 0 ingests N track events on its Unix socket (the load on
   CPU 1) and delivers them with batch_size 100; the figure is entries in the stream per second,
   from the first event sent to XLEN reaching N.
@@ -28,6 +30,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.forward_segment import file_baseline  # noqa: E402
 from bench.run import EVENT, PYTHON, daemon, pin  # noqa: E402
 from router.destinations.base import BuildContext, Delivery  # noqa: E402
 from router.destinations.redis import RedisDestination  # noqa: E402
@@ -65,6 +68,14 @@ def send_alone(url: str, events: int, dedupe_window: str) -> float:
     return trio.run(run)
 
 
+def redis_usec(server: RedisServer) -> float:
+    """Microseconds Redis spent in the commands router sends (the script's own calls are
+    counted inside EVALSHA's time)."""
+    with server.client() as client:
+        stats = client.info("commandstats")
+    return float(sum(stats.get(f"cmdstat_{c}", {}).get("usec", 0) for c in ("evalsha", "xadd")))
+
+
 def end_to_end(tmp: Path, server: RedisServer, events: int, dedupe_window: str) -> float:
     stream = f"e2e-{dedupe_window}"
     body = f"""
@@ -98,12 +109,17 @@ def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(server.process.pid, {1})
     note = "redis-server on CPU 1, AOF appendfsync always"
-    rows: list[dict[str, Any]] = []
+    rows = [file_baseline(tmp, events)]
     try:
         for window, label in (("1h", "dedupe script"), ("0s", "plain XADD")):
+            with server.client() as client:
+                client.config_resetstat()
             rate = send_alone(server.url, events, window)
             rows.append({"name": f"redis send() alone, batches of {BATCH}, {label}",
                          "value": rate, "unit": "events/s", "note": note})  # fmt: skip
+            rows.append({"name": f"redis time per event in Redis, {label}",
+                         "value": redis_usec(server) / events, "unit": "us",
+                         "note": "INFO commandstats: EVALSHA or XADD, less noisy"})  # fmt: skip
         for window, label in (("1h", "dedupe script"), ("0s", "plain XADD")):
             rate = end_to_end(tmp, server, events, window)
             rows.append({"name": f"redis end to end, batches of {BATCH}, {label}",
@@ -120,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         for row in measure(Path(scratch), args.events):
-            print(f"{row['name']:<50} {row['value']:>10,.0f} {row['unit']:<9} {row['note']}")
+            print(f"{row['name']:<50} {row['value']:>10,.1f} {row['unit']:<9} {row['note']}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ strict_auth = true
 [sources.edge]
 write_key = "wk_edge"
 """
+BATCH = 100
 ACCEPTED = re.compile(r'router_source_events_total\{source="edge",outcome="accepted"\} (\d+)')
 
 
@@ -61,7 +62,7 @@ def forward(tmp: Path, events: int, batch_size: int, gzip: bool) -> float:
             gzip = {str(gzip).lower()}
             batch_size = {batch_size}
             batch_wait = "5ms"
-            concurrency = 4
+            concurrency = 8
             [[routes]]
             to = ["hub"]
             """
@@ -76,9 +77,44 @@ def forward(tmp: Path, events: int, batch_size: int, gzip: bool) -> float:
             return events / (time.perf_counter() - started)
 
 
+def file_baseline(tmp: Path, events: int) -> dict[str, Any]:
+    """The same ingest delivered to a local file: what this machine does without a next hop,
+    to read the other rows against (the figures move a lot on a shared box)."""
+    body = f"""
+        [sources.bench]
+        socket = true
+        [destinations.file]
+        type = "file"
+        path = "out.jsonl"
+        batch_size = {BATCH}
+        batch_wait = "5ms"
+        concurrency = 4
+        [[routes]]
+        to = ["file"]
+        """
+    with daemon(tmp, body) as (port, data):
+        started = time.perf_counter()
+        subprocess.run(
+            [PYTHON, str(HERE / "socket_load.py"), str(data / "router.sock"), str(events)],
+            capture_output=True, check=True, preexec_fn=lambda: pin(1),
+        )  # fmt: skip
+        while delivered(port, "file") < events:
+            time.sleep(0.01)
+        rate = events / (time.perf_counter() - started)
+    return {"name": f"baseline: file destination, batches of {BATCH}", "value": rate,
+            "unit": "events/s", "note": "daemon on CPU 0, socket load on CPU 1"}  # fmt: skip
+
+
+def delivered(port: int, destination: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        pattern = rf'router_destination_delivered_total\{{destination="{destination}"\}} (\d+)'
+        found = re.search(pattern, answer.read().decode())
+    return int(found.group(1)) if found else 0
+
+
 def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
-    rows = []
-    for batch_size, gzip in ((100, True), (100, False), (500, True)):
+    rows = [file_baseline(tmp, events)]
+    for batch_size, gzip in ((BATCH, True), (BATCH, False), (500, True)):
         rate = forward(tmp, events, batch_size, gzip)
         rows.append({
             "name": f"segment edge -> hub, batches of {batch_size}, gzip {'on' if gzip else 'off'}",

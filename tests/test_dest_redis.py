@@ -123,7 +123,7 @@ async def test_redis_down_is_retryable_and_the_retry_lands(redis_server: RedisSe
         assert ids_in(client, "events") == [f"m-{n}" for n in range(10)]
 
 
-async def test_a_key_of_another_type_is_a_permanent_failure(
+async def test_a_key_of_another_type_fails_for_good_and_leaves_nothing_behind(
     redis_server: RedisServer,  # noqa: F811
 ):
     with redis_server.client() as client:
@@ -131,7 +131,14 @@ async def test_a_key_of_another_type_is_a_permanent_failure(
     destination = RedisDestination(context(url=redis_server.url, stream="events"))
     with pytest.raises(PermanentDeliveryError, match="WRONGTYPE"):
         await destination.send(deliveries(range(3)))
+    # Once the key is fixed, replaying the dead letters writes them: the failed attempt left
+    # no dedupe mark that would make them look delivered.
+    with redis_server.client() as client:
+        client.delete("events")
+    await destination.send(deliveries(range(3)))
     await destination.aclose()
+    with redis_server.client() as client:
+        assert ids_in(client, "events") == ["m-0", "m-1", "m-2"]
 
 
 @pytest.mark.parametrize(
