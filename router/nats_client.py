@@ -60,6 +60,7 @@ class Connection:
         self._reply_prefix = self._inbox.encode()
         self._pull_prefix = self._reply_prefix + b"pull."
         self._replies: dict[bytes, Callable[[wire.Msg], None]] = {}
+        self._acks: dict[bytes, tuple[_Acks, int]] = {}  # PubAcks awaited, by reply token
         self._on_pull: Callable[[wire.Msg], None] | None = None
         self._tokens = 0
         self._pongs = 0
@@ -162,7 +163,12 @@ class Connection:
 
     def _dispatch(self, msg: wire.Msg) -> None:
         if msg.sid == _REPLY_SID:
-            handler = self._replies.pop(msg.subject[len(self._reply_prefix) :], None)
+            token = msg.subject[len(self._reply_prefix) :]
+            pending = self._acks.pop(token, None)
+            if pending is not None:
+                pending[0].resolve(pending[1], msg)
+                return
+            handler = self._replies.pop(token, None)
             if handler is not None:  # else: the answer to a request given up on
                 handler(msg)
         elif msg.sid == _PULL_SID and self._on_pull is not None:
@@ -225,46 +231,32 @@ class Connection:
         """Publish (subject, header block, payload) messages, each asking for a PubAck, with at
         most ``window`` awaiting theirs; ``results[i]`` is filled as acks arrive, so a caller
         that gives up (or a broken connection) still knows which made it."""
-        outstanding = 0
+        acks = _Acks(results)
         tokens: list[bytes] = []
-
-        def waiter(index: int) -> Callable[[wire.Msg], None]:
-            def resolve(msg: wire.Msg) -> None:
-                nonlocal outstanding
-                outstanding -= 1
-                if msg.status is not None:  # 503: no stream takes this subject
-                    error = wire.PubAckError(code=msg.status, description=msg.description)
-                    results[index] = wire.PubAck(error=error)
-                else:
-                    results[index] = wire.pub_ack(msg.payload)
-
-            return resolve
-
-        def at_most(low: int) -> Callable[[], bool]:
-            return lambda: outstanding <= low
-
+        prefix = self._reply_prefix
         sent = 0
         total = len(messages)
         try:
-            while sent < total or outstanding:
-                if sent < total and outstanding < window:
-                    end = min(total, sent + window - outstanding)
+            while sent < total or acks.outstanding:
+                if sent < total and acks.outstanding < window:
+                    end = min(total, sent + window - acks.outstanding)
                     out = []
                     for index in range(sent, end):
                         subject, headers, payload = messages[index]
-                        token = self._token()
+                        self._tokens += 1
+                        token = b"%x" % self._tokens
                         tokens.append(token)
-                        self._replies[token] = waiter(index)
-                        out.append(wire.hpub(subject, self._reply_prefix + token, headers, payload))
-                    outstanding += end - sent
+                        self._acks[token] = (acks, index)
+                        out.append(wire.hpub(subject, prefix + token, headers, payload))
+                    acks.outstanding += end - sent
                     sent = end
                     await self.write(b"".join(out))
                     continue
                 # Top up the window once half of it is back: fewer, larger writes.
-                await self.read_until(at_most(0 if sent == total else window // 2))
+                await self.read_until(acks.at_most(0 if sent == total else window // 2))
         finally:
             for token in tokens:
-                self._replies.pop(token, None)
+                self._acks.pop(token, None)
 
     async def fetch(
         self, stream: str, consumer: str, *, batch: int, expires: float
@@ -312,6 +304,29 @@ class Connection:
         data = b"".join(wire.pub(m.reply, verb) for m in messages if m.reply is not None)
         if data:
             await self.write(data)
+
+
+class _Acks:
+    """One ``publish_acked`` call's PubAcks: where each goes, and how many are still out."""
+
+    __slots__ = ("outstanding", "results")
+
+    def __init__(self, results: list[wire.PubAck | None]) -> None:
+        self.results = results
+        self.outstanding = 0
+
+    def resolve(self, index: int, msg: wire.Msg) -> None:
+        self.outstanding -= 1
+        if msg.status is not None:  # 503: no stream takes this subject
+            error = wire.PubAckError(code=msg.status, description=msg.description)
+            self.results[index] = wire.PubAck(error=error)
+        elif b'"error"' in msg.payload:
+            self.results[index] = wire.pub_ack(msg.payload)
+        else:  # the common case, without decoding it: stored (or a duplicate of one stored)
+            self.results[index] = wire.STORED
+
+    def at_most(self, low: int) -> Callable[[], bool]:
+        return lambda: self.outstanding <= low
 
 
 async def _read_info(stream: trio.SocketStream) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class Err:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ is on the hot path (one per PubAck)
 class Msg:
     subject: bytes
     sid: int
@@ -288,6 +288,7 @@ class PubAck(msgspec.Struct):
 
 
 _pub_ack = msgspec.json.Decoder(PubAck).decode
+STORED = PubAck()  # what a PubAck without an error comes to; shared, never changed
 
 
 def pub_ack(payload: bytes) -> PubAck:

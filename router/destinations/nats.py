@@ -98,7 +98,11 @@ class NatsDestination:
             "duplicate_window": int(window * 1e9),
             "num_replicas": options.replicas,
         }
-        self._expected = (b"Nats-Expected-Stream", options.stream.encode())
+        # Each message's header block is these around its messageId.
+        self._headers = (
+            b"NATS/1.0\r\nNats-Msg-Id: ",
+            b"\r\nNats-Expected-Stream: " + options.stream.encode() + b"\r\n\r\n",
+        )
         self._subjects: dict[tuple[str, str, str], bytes] = {}
         # The PubAcks must come back inside the dispatcher's timeout, or the acks that did
         # arrive would be lost with the cancelled attempt.
@@ -111,10 +115,9 @@ class NatsDestination:
         results: list[AttemptResult | None] = [None] * len(batch)
         messages: list[tuple[bytes, bytes, bytes]] = []
         positions: list[int] = []
+        before, after = self._headers
         for index, delivery in enumerate(batch):
-            headers = wire.header_block(
-                (b"Nats-Msg-Id", delivery.message_id.encode()), self._expected
-            )
+            headers = before + delivery.message_id.encode() + after
             if len(headers) + len(delivery.body) > connection.max_payload:
                 limit = connection.max_payload
                 results[index] = permanent_failure(f"event is over the server's {limit} bytes")
@@ -142,7 +145,7 @@ class NatsDestination:
                 missing,
                 problem,
             )
-        return [result or delivered() for result in results]
+        return [result or DELIVERED for result in results]
 
     async def aclose(self) -> None:
         if self._connection is not None:
@@ -220,9 +223,12 @@ class NatsDestination:
         return f"{address.host}:{address.port}"
 
 
+DELIVERED = delivered()  # immutable: one for every event delivered
+
+
 def _judge(ack: wire.PubAck) -> AttemptResult:
     if ack.error is None:
-        return delivered()  # a duplicate too: the stream holds it already
+        return DELIVERED  # a duplicate too: the stream holds it already
     detail = f"JetStream {ack.error.code}: {ack.error.description}"
     if ack.error.err_code == MESSAGE_TOO_LARGE:
         return permanent_failure(detail, status=ack.error.code)
