@@ -5,7 +5,9 @@
 The edge (CPU 0) ingests N track events on its Unix socket (the load on CPU 1) and forwards
 them to a hub router (CPU 1) on loopback with ``POST /v1/batch``; the figure is events the hub
 has accepted (committed to its own queue, synchronous = "full") per second, from the first event
-sent to the last accepted. Rows: batches of 100 and 500, gzip on (the default) and off.
+sent to the last accepted. Rows: batches of 100 and 500 (concurrency 8), gzip on (the default)
+and off, and a baseline: the same edge writing to a local file, to read the rest against on a
+machine whose figures move with what else runs.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ class SegmentDestination:
             return None
         results: list[AttemptResult] = [delivered()] * len(batch)
         for index in cut.too_large:
-            detail = f"event is {len(bodies[index])} bytes, over max_event_bytes"
+            limit = min(self._max_event, self._max_batch - ENVELOPE_BYTES)
+            detail = f"event is {len(bodies[index])} bytes, over max_event_bytes ({limit})"
             results[index] = permanent_failure(detail)
         retry: AttemptResult | None = None
         for indexes in cut.requests:
