@@ -12,6 +12,7 @@ CPU 1:
 - *source*: N events waiting in the stream; a hub daemon on CPU 0 consumes them (pull batches
   of 500, each committed to its journal, then acked); the figure is events in the hub's
   journal per second, from its start (ready) to the journal holding N.
+The first row is the same ingest into a local file: on a shared machine, read the ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.forward_segment import file_baseline  # noqa: E402
 from bench.run import EVENT, PYTHON, daemon, pin  # noqa: E402
 from router.destinations.base import BuildContext, Delivery  # noqa: E402
 from router.destinations.nats import NatsDestination  # noqa: E402
@@ -128,7 +130,7 @@ def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(server.process.pid, {1})
     note = "nats-server 2.9 on CPU 1, JetStream file store"
-    rows: list[dict[str, Any]] = []
+    rows = [file_baseline(tmp, events)]  # the same daemon writing a local file, for scale
     try:
         for batch in (100, 1000):
             rate = send_alone(server.url, events, batch, f"ALONE{batch}")

@@ -89,6 +89,9 @@ class Connection:
                 + wire.sub(connection._inbox + "pull.*", _PULL_SID)
             )
             await connection.ping()  # a refused CONNECT answers -ERR here, not silence
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            await stream.aclose()
+            raise NatsError(f"connection to {address.host}:{address.port} failed: {exc}") from exc
         except BaseException:
             await stream.aclose()
             raise
@@ -211,8 +214,11 @@ class Connection:
         answer = await self.request(f"$JS.API.{subject}", payload)
         if answer.status == 503:
             raise NatsError("no responders: is JetStream enabled on the server (-js)?")
-        result: dict[str, Any] = msgspec.json.decode(answer.payload)
-        error = result.get("error")
+        try:
+            result: dict[str, Any] = msgspec.json.decode(answer.payload)
+        except msgspec.DecodeError as exc:
+            raise NatsError(f"unreadable JetStream answer {answer.payload[:80]!r}") from exc
+        error = result.get("error") if isinstance(result, dict) else None
         if error:
             raise JetStreamApiError(
                 f"JetStream {subject.split('.')[0]}: {error.get('description', error)}",
@@ -317,8 +323,11 @@ class _Acks:
 
     def resolve(self, index: int, msg: wire.Msg) -> None:
         self.outstanding -= 1
-        if msg.status is not None:  # 503: no stream takes this subject
-            error = wire.PubAckError(code=msg.status, description=msg.description)
+        if msg.status is not None:
+            said = msg.description or "no responders"
+            if msg.status == 503:  # nothing subscribes to the subject: no stream takes it
+                said = f"{said}: no stream takes this subject"
+            error = wire.PubAckError(code=msg.status, description=said)
             self.results[index] = wire.PubAck(error=error)
         elif b'"error"' in msg.payload:
             self.results[index] = wire.pub_ack(msg.payload)

@@ -63,7 +63,8 @@ class Msg:
     @property
     def description(self) -> str:
         line = self.headers[: self.headers.find(CRLF)] if self.headers else b""
-        return line.split(b" ", 2)[-1].decode("utf-8", "replace") if line else ""
+        parts = line.split(b" ", 2)
+        return parts[2].decode("utf-8", "replace") if len(parts) == 3 else ""
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)

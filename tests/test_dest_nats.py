@@ -190,6 +190,18 @@ async def test_an_existing_stream_is_used_and_a_missing_one_is_not_created_when_
     assert nats_server.stream_info("ORDERS")["subjects"] == ["events.>"]  # not changed
 
 
+async def test_a_subject_no_stream_takes_is_retried_per_event(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    nats_server.add_stream("OTHER", ["other.>"])
+    destination = NatsDestination(context(tmp_path, nats_server.url, stream="OTHER"))
+    results = await destination.send(deliveries(0, 5))
+    await destination.aclose()
+    assert results is not None
+    assert [(r.ok, r.retryable, r.status) for r in results] == [(False, True, 503)] * 5
+    assert "no stream takes this subject" in results[0].detail
+
+
 async def test_server_restart_between_batches_loses_nothing(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:

@@ -12,9 +12,10 @@ acknowledged.
 
 The stream: ``stream`` names it, and by default router creates it when it is missing (file
 storage, subjects from the template with each placeholder a wildcard, ``duplicate_window``,
-``replicas``); an existing stream is used as it is, never changed. ``create_stream = false``
-leaves streams to the operator. Every message carries ``Nats-Expected-Stream``, so one that
-another stream would capture fails instead of landing there.
+``replicas``, ``max_age``); an existing stream is used as it is, never changed.
+``create_stream = false`` leaves streams to the operator. Every message carries
+``Nats-Expected-Stream``, so one that another stream would capture fails instead of landing
+there.
 
 The client is router's own trio-native one (``router.nats_client``, where the measurement that
 chose it is): ~4x the throughput of nats-py on a thread. A lost connection is reopened on the
@@ -56,6 +57,7 @@ class NatsOptions(msgspec.Struct, forbid_unknown_fields=True):
     create_stream: bool = True
     duplicate_window: str = "2m"  # for a stream router creates
     replicas: int = 1  # for a stream router creates; 3 in a cluster
+    max_age: str = ""  # for a stream router creates: drop messages older ("" keeps them all)
     max_in_flight: int = 1000
 
 
@@ -84,6 +86,10 @@ class NatsDestination:
             window = parse_duration(options.duplicate_window)
         except ValueError as exc:
             raise context.error("duplicate_window", str(exc)) from exc
+        try:
+            max_age = parse_duration(options.max_age) if options.max_age else 0.0
+        except ValueError as exc:
+            raise context.error("max_age", str(exc)) from exc
         if options.max_in_flight < 1:
             raise context.error("max_in_flight", "must be at least 1")
         if not 1 <= options.replicas <= 5:
@@ -97,6 +103,7 @@ class NatsDestination:
             "retention": "limits",
             "duplicate_window": int(window * 1e9),
             "num_replicas": options.replicas,
+            "max_age": int(max_age * 1e9),  # 0: no limit
         }
         # Each message's header block is these around its messageId.
         self._headers = (

@@ -96,7 +96,11 @@ def upstream_received_at(item: Any, default: float) -> float:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return default
-    return moment.timestamp() if moment.tzinfo is not None else default
+    if moment.tzinfo is None:
+        return default
+    stamped = moment.timestamp()
+    # Only a time that could be true: normalize refuses years it cannot write.
+    return stamped if 0 < stamped <= default + 86400 else default
 
 
 def _stable_id(msg: wire.Msg, stream: str) -> str:
