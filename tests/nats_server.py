@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
         if NATS_SERVER is None:
             pytest.fail(
                 "nats-server is not installed (Debian: apt-get install nats-server; CI installs "
@@ -46,23 +46,17 @@ class NatsServer:
         self.store = directory / "jetstream"
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.oracle_url = ""  # the URL the nats-py oracle connects with, when it needs credentials
         self.log_path = directory / "nats-server.log"
+        self.options = options  # more command-line options, e.g. ("--user", "a", "--pass", "b")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.dir.mkdir(parents=True, exist_ok=True)
+        command = [self.binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "-js",
-                    "-sd",
-                    str(self.store),
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                ],
+                [*command, "-p", str(self.port), *self.options],
                 stdout=log,
                 stderr=log,
             )
@@ -100,7 +94,9 @@ class NatsServer:
         """``work(js)`` on a fresh nats-py connection, in an asyncio loop of its own."""
 
         async def main() -> T:
-            nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=0)
+            nc = await nats.connect(
+                self.oracle_url or self.url, connect_timeout=5, max_reconnect_attempts=0
+            )
             try:
                 return await work(nc.jetstream())
             finally:

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from router import nats_wire as wire
+from router.destinations import nats as nats_destination
 from router.destinations.base import BuildContext, Delivery
 from router.destinations.nats import NatsDestination
 from router.errors import ConfigError, RetryableDeliveryError
@@ -224,6 +225,45 @@ async def test_server_restart_between_batches_loses_nothing(
     finally:
         await destination.aclose()
     assert sorted(msg_ids(nats_server)) == sorted(f"m-{i}" for i in range(600))
+
+
+async def test_after_the_server_restarted_while_idle_the_next_batch_goes_at_once(
+    tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nats_destination, "IDLE_CHECK", 0.0)  # every batch finds "idle"
+    destination = NatsDestination(context(tmp_path, nats_server.url))
+    try:
+        first = await destination.send(deliveries(0, 10))
+        nats_server.restart()
+        # The liveness check finds the old connection dead and opens a new one first: no
+        # event of this batch fails, nothing waits for a retry.
+        second = await destination.send(deliveries(10, 10))
+    finally:
+        await destination.aclose()
+    assert first is not None
+    assert second is not None
+    assert all(r.ok for r in [*first, *second])
+    assert len(msg_ids(nats_server)) == 20
+
+
+async def test_credentials_in_the_url_are_used(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "auth", "--user", "edge", "--pass", "s3cret").start()
+    server.oracle_url = f"nats://edge:s3cret@127.0.0.1:{server.port}"
+    good = f"nats://edge:s3cret@127.0.0.1:{server.port}"
+    bad = f"nats://edge:wrong@127.0.0.1:{server.port}"
+    try:
+        refused = NatsDestination(context(tmp_path, bad))
+        with pytest.raises(RetryableDeliveryError, match="Authorization Violation"):
+            await refused.send(deliveries(0, 1))
+        await refused.aclose()
+        accepted = NatsDestination(context(tmp_path, good))
+        results = await accepted.send(deliveries(0, 3))
+        await accepted.aclose()
+        assert results is not None
+        assert all(r.ok for r in results)
+        assert len(msg_ids(server)) == 3
+    finally:
+        server.stop()
 
 
 async def test_server_down_is_a_retryable_failure(tmp_path: Path, nats_server: NatsServer) -> None:
