@@ -175,6 +175,29 @@ async def test_publishes_each_event_once_and_a_resend_is_deduplicated(
     assert info["subjects"] == ["events.*.*"]  # created by the destination from its template
 
 
+async def test_concurrent_batches_share_one_connection(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # Whoever waits reads: each batch's PubAcks may arrive while another batch holds the
+    # socket, and must still reach their own batch.
+    destination = NatsDestination(context(tmp_path, nats_server.url, max_in_flight=50))
+    outcomes: list[bool] = []
+
+    async def send(start: int) -> None:
+        results = await destination.send(deliveries(start, 250))
+        assert results is not None
+        outcomes.extend(r.ok for r in results)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for start in range(0, 1000, 250):
+                nursery.start_soon(send, start)
+    finally:
+        await destination.aclose()
+    assert outcomes == [True] * 1000
+    assert sorted(msg_ids(nats_server)) == sorted(f"m-{i}" for i in range(1000))
+
+
 async def test_an_existing_stream_is_used_and_a_missing_one_is_not_created_when_told(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
