@@ -253,7 +253,9 @@ async def test_an_event_without_a_segment_type_dead_letters_alone(dsn):
     assert query(dsn, "SELECT id FROM web.tracks") == [("m1",)]
 
 
-async def test_a_server_restart_costs_one_retryable_failure_then_it_reconnects(postgres, dsn):
+async def test_the_server_down_is_retryable_and_a_restart_between_batches_costs_nothing(
+    postgres, dsn
+):
     dest = destination(dsn)
     await send(dest, order("m1"))
     postgres.crash()
@@ -263,8 +265,26 @@ async def test_a_server_restart_costs_one_retryable_failure_then_it_reconnects(p
     finally:
         postgres.start()
     await send(dest, order("m2"))
+    postgres.stop()
+    postgres.start()
+    # The idle connection is dead: it is replaced at once, and the batch does not fail.
+    assert await send(dest, order("m3")) is None
     await dest.aclose()
-    assert query(dsn, "SELECT id FROM web.tracks ORDER BY id") == [("m1",), ("m2",)]
+    assert ids(dsn, "web.tracks") == ["m1", "m2", "m3"]
+
+
+async def test_a_role_without_create_on_the_database_writes_into_a_granted_schema(postgres, dsn):
+    database = dsn.rsplit("/", 1)[1]
+    query(
+        dsn,
+        "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+        f'REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC;'
+        "CREATE SCHEMA web; GRANT USAGE, CREATE ON SCHEMA web TO loader",
+    )
+    dest = destination(dsn.replace("router@", "loader@"))
+    assert await send(dest, order("m1")) is None
+    await dest.aclose()
+    assert ids(dsn, "web.order_completed") == ["m1"]
 
 
 async def test_statement_timeout_bounds_a_write_blocked_by_a_lock(dsn):

@@ -64,6 +64,7 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid
 WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
 """
+_SCHEMA_QUERY = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
 
 
 class PostgresOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -154,22 +155,34 @@ class PostgresDestination:
                 results[index] = permanent_failure("not a Segment event: no known 'type'")
             else:
                 items.append((index, self._schema or schema_for(delivery.source), rows))
-        try:
-            if session is None or session.conn.closed:
-                session = self._connect()
-            self._write_isolating(session, items, results)
-        except (psycopg.Error, _SchemaChangeFailed) as exc:
-            self._schemas.clear()
-            broken = session is None or session.conn.broken
-            if broken and session is not None:
-                session.conn.close()
-            what = "connection failed" if broken else "postgres"
-            error = RetryableDeliveryError(f"{what}: {exc}")
-            return _Outcome(None if broken else session, None, error)
-        except BaseException:
-            if session is not None:
-                session.conn.close()
-            raise
+        reused = session is not None and not session.conn.closed
+        while True:
+            try:
+                if session is None or session.conn.closed:
+                    session = self._connect()
+                self._write_isolating(session, items, results)
+                break
+            except (psycopg.Error, _SchemaChangeFailed) as exc:
+                self._schemas.clear()
+                broken = session is None or session.conn.broken
+                if broken and session is not None:
+                    session.conn.close()
+                if broken and reused:
+                    # An idle connection the server dropped (a restart, an idle timeout): one
+                    # new connection at once, rather than a failed batch and a backoff. Sending
+                    # the batch again is safe even if its commit landed: rows are idempotent.
+                    log.info("reconnecting destination=%s error=%s", self._name, exc)
+                    session, reused = None, False
+                    for index, _, _ in items:
+                        results[index] = None
+                    continue
+                what = "connection failed" if broken else "postgres"
+                error = RetryableDeliveryError(f"{what}: {exc}")
+                return _Outcome(None if broken else session, None, error)
+            except BaseException:
+                if session is not None:
+                    session.conn.close()
+                raise
         if all(result is None for result in results):
             return _Outcome(session, None)
         return _Outcome(session, [result or AttemptResult(ok=True) for result in results])
@@ -300,10 +313,13 @@ class _SchemaCache:
 
 
 def _read_schema(conn: psycopg.Connection[Any], schema: str) -> dict[str, dict[str, str]]:
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    """The schema's tables and columns; the schema is made when missing. (Only then: CREATE
+    SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists.)"""
     tables: dict[str, dict[str, str]] = defaultdict(dict)
     for table, column, type_name in conn.execute(_COLUMNS_QUERY, [schema]):
         tables[table][column] = type_name
+    if not tables and not conn.execute(_SCHEMA_QUERY, [schema]).fetchone():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     return dict(tables)
 
 
