@@ -25,6 +25,7 @@ import msgspec
 from router import fql
 from router.errors import ConfigError
 from router.keypaths import KeyLocator, join_key
+from router.nats_wire import parse_urls
 from router.retry import RetryPolicy
 from router.units import parse_duration, parse_size
 
@@ -443,8 +444,10 @@ class _Builder:
         url = table.get("url")
         if isinstance(url, str):
             table["url"] = secret = self.secret(url, join_key(prefix, "url"))
-            if not secret.reveal().startswith("nats://"):
-                raise self.error(join_key(prefix, "url"), "expected a nats:// URL")
+            try:
+                parse_urls(secret.reveal())
+            except ValueError as exc:
+                raise self.error(join_key(prefix, "url"), str(exc)) from exc
         for key in ("stream", "consumer"):
             name = table.get(key)
             if isinstance(name, str) and not re.fullmatch(r"[A-Za-z0-9_\-]+", name):

@@ -70,9 +70,8 @@ class Connection:
         self.name = name
 
     @classmethod
-    async def open(cls, url: str, *, name: str = "router") -> Connection:
+    async def open(cls, address: wire.Address, *, name: str = "router") -> Connection:
         """Connect, authenticate and subscribe our inbox; the caller bounds the time."""
-        address = wire.parse_url(url)
         try:
             stream = await trio.open_tcp_stream(address.host, address.port)
         except OSError as exc:
@@ -336,6 +335,27 @@ class _Acks:
 
     def at_most(self, low: int) -> Callable[[], bool]:
         return lambda: self.outstanding <= low
+
+
+async def connect_any(
+    addresses: Sequence[wire.Address], *, name: str, each: float, first: int = 0
+) -> tuple[Connection, int]:
+    """A connection to the first of ``addresses`` (tried in turn from ``first``, each for at
+    most ``each`` seconds) that answers; and its index, to start from next time. A server that
+    is down refuses at once, one that is cut off costs its ``each``."""
+    errors: list[str] = []
+    share = each
+    for step in range(len(addresses)):
+        index = (first + step) % len(addresses)
+        address = addresses[index]
+        with trio.move_on_after(share):
+            try:
+                return await Connection.open(address, name=name), index
+            except NatsError as exc:
+                errors.append(str(exc))
+                continue
+        errors.append(f"{address.where}: no answer within {share:g}s")
+    raise NatsError("; ".join(errors))
 
 
 async def _read_info(stream: trio.SocketStream) -> dict[str, Any]:

@@ -211,16 +211,30 @@ class Address:
     password: str = ""
     token: str = ""
 
+    @property
+    def where(self) -> str:
+        """host:port, safe to log (no credentials)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+URL_FORM = "nats://[user:password@|token@]host[:port], comma-separated for a cluster"
+
+
+def parse_urls(text: str) -> list[Address]:
+    """Every server of a comma-separated list; ValueError (which never repeats the text: it
+    may hold a password) when one is not a ``nats://`` URL."""
+    return [parse_url(part.strip()) for part in text.split(",")]
+
 
 def parse_url(url: str) -> Address:
     """``nats://[user:password@|token@]host[:port]``; raises ValueError when it is not one."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme != "nats" or not parsed.hostname:
-        raise ValueError(f"not a nats:// URL: {url!r} (TLS is not supported)")
+        raise ValueError(f"expected {URL_FORM} (tls:// is not supported)")
     try:
         port = parsed.port or 4222
     except ValueError as exc:
-        raise ValueError(f"bad port in {url!r}") from exc
+        raise ValueError(f"bad port in a nats:// URL; expected {URL_FORM}") from exc
     user = urllib.parse.unquote(parsed.username or "")
     password = urllib.parse.unquote(parsed.password or "")
     if user and parsed.password is None:  # nats://TOKEN@host

@@ -16,7 +16,7 @@ from router.destinations import nats as nats_destination
 from router.destinations.base import BuildContext, Delivery
 from router.destinations.nats import NatsDestination
 from router.errors import ConfigError, RetryableDeliveryError
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, free_port
 from tests.support import Daemon, SocketClient, track
 
 
@@ -108,9 +108,14 @@ def test_bad_subject_templates_are_config_errors(tmp_path: Path, template: str) 
         NatsDestination(context(tmp_path, "nats://127.0.0.1:4222", subject=template))
 
 
-def test_bad_url_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="url"):
-        NatsDestination(context(tmp_path, "http://127.0.0.1:4222"))
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:4222", "tls://u:hunter2@h:4222", "nats://u:hunter2@h:99999", "nats://a,x"],
+)
+def test_bad_url_is_a_config_error_that_does_not_show_it(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match="url") as caught:
+        NatsDestination(context(tmp_path, url))
+    assert "hunter2" not in str(caught.value)
 
 
 def test_stream_subjects_cover_the_template() -> None:
@@ -287,6 +292,17 @@ async def test_credentials_in_the_url_are_used(tmp_path: Path) -> None:
         assert len(msg_ids(server)) == 3
     finally:
         server.stop()
+
+
+async def test_a_cluster_url_list_skips_a_server_that_is_down(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    down = f"nats://127.0.0.1:{free_port()}"
+    destination = NatsDestination(context(tmp_path, f"{down}, {nats_server.url}"))
+    results = await destination.send(deliveries(0, 3))
+    await destination.aclose()
+    assert results is not None
+    assert all(r.ok for r in results)
 
 
 async def test_server_down_is_a_retryable_failure(tmp_path: Path, nats_server: NatsServer) -> None:

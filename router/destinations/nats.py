@@ -41,7 +41,13 @@ from router.destinations.base import (
     retryable_failure,
 )
 from router.errors import RetryableDeliveryError
-from router.nats_client import STREAM_NOT_FOUND, Connection, JetStreamApiError, NatsError
+from router.nats_client import (
+    STREAM_NOT_FOUND,
+    Connection,
+    JetStreamApiError,
+    NatsError,
+    connect_any,
+)
 from router.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -73,9 +79,10 @@ class NatsDestination:
     def __init__(self, context: BuildContext) -> None:
         options = context.options_as(NatsOptions)
         try:
-            wire.parse_url(options.url)
+            self._addresses = wire.parse_urls(options.url)
         except ValueError as exc:
             raise context.error("url", str(exc)) from exc
+        self._first = 0  # the server to try first: the last one that answered
         try:
             self._placeholders = wire.template_fields(options.subject)
         except ValueError as exc:
@@ -182,20 +189,27 @@ class NatsDestination:
             return self._connection
 
     async def _open(self) -> Connection:
-        fresh: Connection | None = None
-        with trio.move_on_after(min(5.0, self._ack_timeout / 2)):
+        budget = min(5.0, self._ack_timeout / 2)
+        try:
+            fresh, self._first = await connect_any(
+                self._addresses,
+                name=self._name,
+                each=budget / len(self._addresses),
+                first=self._first,
+            )
+        except NatsError as exc:
+            raise RetryableDeliveryError(f"nats: {exc}") from exc
+        where = self._addresses[self._first].where
+        with trio.move_on_after(budget):
             try:
-                fresh = await Connection.open(self._options.url, name=self._name)
                 await self._ensure_stream(fresh)
             except NatsError as exc:
-                if fresh is not None:
-                    await fresh.aclose()
+                await fresh.aclose()
                 raise RetryableDeliveryError(f"nats: {exc}") from exc
-            log.info("nats connected destination=%s server=%s", self._name, self._safe_url())
+            log.info("nats connected destination=%s server=%s", self._name, where)
             return fresh
-        if fresh is not None:  # the stream check timed out
-            await fresh.aclose()
-        raise RetryableDeliveryError(f"nats: no answer from {self._safe_url()}")
+        await fresh.aclose()
+        raise RetryableDeliveryError(f"nats: no JetStream answer from {where} in {budget:g}s")
 
     async def _ensure_stream(self, connection: Connection) -> None:
         stream = self._options.stream
@@ -224,10 +238,6 @@ class NatsDestination:
             if len(self._subjects) < 10_000:  # event names are open-ended: cap the cache
                 self._subjects[key] = subject
         return subject
-
-    def _safe_url(self) -> str:
-        address = wire.parse_url(self._options.url)
-        return f"{address.host}:{address.port}"
 
 
 DELIVERED = delivered()  # immutable: one for every event delivered

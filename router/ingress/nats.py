@@ -38,7 +38,13 @@ from router.config import Config, SourceConfig
 from router.errors import IngestError, RouterError
 from router.events import StoredEvent, decode_json, normalize
 from router.journal import Journal
-from router.nats_client import CONSUMER_NOT_FOUND, Connection, JetStreamApiError, NatsError
+from router.nats_client import (
+    CONSUMER_NOT_FOUND,
+    Connection,
+    JetStreamApiError,
+    NatsError,
+    connect_any,
+)
 from router.plans import TrackingPlan
 
 log = logging.getLogger(__name__)
@@ -129,23 +135,29 @@ class NatsSource:
         self._options = source.nats
         self._plan = plan
         self._clock = clock
+        # Validated by the config already; a cluster's servers are tried in turn.
+        self._addresses = wire.parse_urls(source.nats.url.reveal())
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting (with backoff) whenever the server is away."""
         options = self._options
         delay = RECONNECT[0]
+        first = 0
+        name = f"router-source-{self._source.name}"
         while True:
             connection: Connection | None = None
             try:
+                connection, first = await connect_any(
+                    self._addresses, name=name, each=CONNECT_TIMEOUT, first=first
+                )
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    name = f"router-source-{self._source.name}"
-                    connection = await Connection.open(options.url.reveal(), name=name)
                     await self._ensure_consumer(connection)
                 log.info(
-                    "nats source consuming source=%s stream=%s consumer=%s",
+                    "nats source consuming source=%s stream=%s consumer=%s server=%s",
                     self._source.name,
                     options.stream,
                     options.consumer,
+                    self._addresses[first].where,
                 )
                 delay = RECONNECT[0]
                 await self._consume(connection)
