@@ -100,8 +100,12 @@ class PostgresDestination:
         try:
             params = psycopg.conninfo.conninfo_to_dict(options.dsn)
         except psycopg.ProgrammingError as exc:
-            raise context.error("dsn", f"not a PostgreSQL connection string: {exc}") from exc
-        if options.schema is not None and not 0 < len(options.schema.encode()) <= 63:
+            message = f"not a PostgreSQL connection string: {str(exc).strip()}"
+            raise context.error("dsn", message) from exc
+        if (
+            options.schema is not None
+            and not 0 < len(options.schema.encode()) <= MAX_IDENTIFIER_BYTES
+        ):
             raise context.error("schema", f"must be 1 to {MAX_IDENTIFIER_BYTES} bytes")
         timeout = context.timeout
         if options.statement_timeout is not None:
@@ -129,7 +133,8 @@ class PostgresDestination:
             self._idle.append(outcome.session)
         elif self._idle:  # this one broke: the others, idle since before, likely did too
             stale, self._idle = self._idle, []
-            await trio.to_thread.run_sync(_close_all, stale)
+            with trio.CancelScope(shield=True):  # a timeout here must not leak them
+                await trio.to_thread.run_sync(_close_all, stale)
         if outcome.error is not None:
             raise outcome.error
         return outcome.results
