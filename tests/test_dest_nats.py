@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from router import nats_wire as wire
 from router.destinations import nats as nats_destination
@@ -74,6 +77,29 @@ def test_parser_gives_the_same_events_however_the_input_is_cut() -> None:
     assert isinstance(status, wire.Msg)
     assert (status.status, status.payload) == (408, b"")
     assert whole[5] == wire.Err("Stale Connection")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(SERVER_BYTES)), max_size=12))
+def test_parser_is_indifferent_to_where_reads_end(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(SERVER_BYTES)]
+    parser = wire.Parser()
+    events = [e for a, b in itertools.pairwise(bounds) for e in parser.feed(SERVER_BYTES[a:b])]
+    assert events == wire.Parser().feed(SERVER_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("nats://h", wire.Address("h", 4222)),
+        ("nats://h:4223", wire.Address("h", 4223)),
+        ("nats://u:p%40ss@h:1", wire.Address("h", 1, user="u", password="p@ss")),
+        ("nats://tok3n@h:1", wire.Address("h", 1, token="tok3n")),
+        ("nats://[::1]:1", wire.Address("::1", 1)),
+    ],
+)
+def test_urls(url: str, address: wire.Address) -> None:
+    assert wire.parse_url(url) == address
+    assert wire.parse_urls(f"{url}, nats://other") == [address, wire.Address("other", 4222)]
 
 
 @pytest.mark.parametrize(

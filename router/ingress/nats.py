@@ -249,7 +249,8 @@ def start_nats_sources(
     nursery: trio.Nursery,
 ) -> None:
     """A consumer task per source with a ``nats`` table, in the ingress nursery (cancelled
-    first at shutdown; what it committed but had not acked is redelivered and deduplicated)."""
+    first at shutdown; what it committed but had not acked is redelivered and deduplicated).
+    ``start_soon``, not ``start``: router is ready, and takes other ingest, without NATS."""
     for source in config.sources.values():
         if source.nats is not None:
             nursery.start_soon(NatsSource(journal, source, plans.get(source.name)).run)
