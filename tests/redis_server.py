@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,45 @@ class RedisServer:
     def restart(self) -> RedisServer:
         self.stop()
         return self.start()
+
+
+class ReplyHoldingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server that, while ``hold`` is set, forwards the
+    requests but keeps the replies: the writes happen, their answers never arrive (a lost
+    reply, on demand)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.hold = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
+        with source, target:
+            while True:
+                try:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if not (replies and self.hold.is_set()):
+                        target.sendall(data)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 @pytest.fixture

@@ -18,7 +18,11 @@ import redis as redis_py
 from router.destinations.base import BuildContext, Delivery
 from router.destinations.redis import RedisDestination
 from router.errors import ConfigError, PermanentDeliveryError, RetryableDeliveryError
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
+from tests.redis_server import (  # noqa: F401 (redis_server: a fixture)
+    RedisServer,
+    ReplyHoldingProxy,
+    redis_server,
+)
 from tests.support import Daemon, SocketClient, track
 
 
@@ -252,19 +256,23 @@ def test_1000_events_land_once_across_a_kill_9_of_router_mid_stream(
     daemons: list[Daemon],
     redis_server: RedisServer,  # noqa: F811
 ):
-    """Router dies with batches sent but unanswered: Redis holds their writes (CLIENT PAUSE)
-    and runs them after router is gone; the restarted router sends them again."""
-    daemon = Daemon(tmp_path, daemon_config(redis_server.url))
-    daemons.append(daemon)
-    daemon.start()
-    ingest(daemon, range(500))
-    wait_for_length(redis_server, 500)
-    with redis_server.client() as client:
-        client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
-    ingest(daemon, range(500, 1000))
-    time.sleep(0.3)  # the dispatcher has sent its next batches; they wait on the pause
-    daemon.stop(signal.SIGKILL)
-    daemon.start()
-    wait_for_length(redis_server, 1000)
-    assert_exactly_once(redis_server, 1000)
-    assert daemon.stop() == 0
+    """Router dies after Redis ran its writes but before the replies came back (a proxy holds
+    them); the restarted router sends those events again, and they are not appended twice."""
+    proxy = ReplyHoldingProxy(redis_server.port)
+    try:
+        daemon = Daemon(tmp_path, daemon_config(proxy.url))
+        daemons.append(daemon)
+        daemon.start()
+        ingest(daemon, range(500))
+        wait_for_length(redis_server, 500)
+        proxy.hold.set()
+        ingest(daemon, range(500, 1000))
+        wait_for_length(redis_server, 501)  # written, unanswered
+        daemon.stop(signal.SIGKILL)
+        proxy.hold.clear()
+        daemon.start()
+        wait_for_length(redis_server, 1000)
+        assert_exactly_once(redis_server, 1000)
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()

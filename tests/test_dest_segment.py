@@ -392,6 +392,18 @@ def assert_exactly_once(hub: Daemon, count: int) -> list[dict[str, Any]]:
     return events
 
 
+def unread_bytes(port: int) -> int:
+    """Bytes that arrived on 127.0.0.1:``port``'s connections and no one has read yet (Linux)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        established = fields[3] == "01"
+        if local_port == port and established:
+            total += int(fields[4].split(":")[1], 16)
+    return total
+
+
 def events(ids: range, **extra: Any) -> list[dict[str, Any]]:
     return [track(f"e-{n}", **extra) for n in ids]
 
@@ -436,7 +448,10 @@ def test_1000_events_reach_the_hub_once_across_a_kill_9_of_the_edge_mid_stream(
     hub.process.send_signal(signal.SIGSTOP)
     try:
         ingest(edge, events(range(500, 1000)))
-        time.sleep(0.3)  # the edge has sent its next requests; they hang
+        deadline = time.monotonic() + 5
+        while unread_bytes(hub.port) == 0:  # the edge's next requests wait in the hub's socket
+            assert time.monotonic() < deadline, "the edge sent nothing to the stopped hub"
+            time.sleep(0.01)
         edge.stop(signal.SIGKILL)
     finally:
         hub.process.send_signal(signal.SIGCONT)
