@@ -145,19 +145,30 @@ class NatsDestination:
                 await connection.publish_acked(messages, acks, window=self._options.max_in_flight)
             except NatsError as exc:
                 problem = f"connection lost: {exc}"
-        missing = 0
+        missing = refused = 0
+        first_refusal = ""
         for index, ack in zip(positions, acks, strict=True):
             if ack is None:
                 missing += 1
                 results[index] = retryable_failure(problem)
-            else:
-                results[index] = _judge(ack)
+                continue
+            result = results[index] = _judge(ack)
+            if not result.ok:
+                refused += 1
+                first_refusal = first_refusal or result.detail
         if missing:
             log.warning(
                 "nats publish incomplete destination=%s unacked=%d reason=%s",
                 self._name,
                 missing,
                 problem,
+            )
+        if refused:  # the server said no: usually its configuration (streams, limits)
+            log.warning(
+                "nats refused events destination=%s count=%d first=%s",
+                self._name,
+                refused,
+                first_refusal,
             )
         return [result or DELIVERED for result in results]
 

@@ -144,6 +144,7 @@ class NatsSource:
         delay = RECONNECT[0]
         first = 0
         name = f"router-source-{self._source.name}"
+        said = ""  # the last failure logged: a server down for an hour is one warning, not 1800
         while True:
             connection: Connection | None = None
             try:
@@ -159,15 +160,18 @@ class NatsSource:
                     options.consumer,
                     self._addresses[first].where,
                 )
-                delay = RECONNECT[0]
+                delay, said = RECONNECT[0], ""
                 await self._consume(connection)
             except (NatsError, trio.TooSlowError) as exc:
-                log.warning(
+                reason = str(exc) or "timed out"
+                log.log(
+                    logging.DEBUG if reason == said else logging.WARNING,
                     "nats source cannot consume source=%s error=%s retry_in=%.1fs",
                     self._source.name,
-                    exc or "timed out",
+                    reason,
                     delay,
                 )
+                said = reason
             finally:
                 if connection is not None:
                     with trio.CancelScope(shield=True):
