@@ -16,7 +16,7 @@ import pytest
 import redis as redis_py
 
 from router.destinations.base import BuildContext, Delivery
-from router.destinations.redis import RedisDestination
+from router.destinations.redis import Entry, RedisDestination, group
 from router.errors import ConfigError, PermanentDeliveryError, RetryableDeliveryError
 from tests.redis_server import (  # noqa: F401 (redis_server: a fixture)
     RedisServer,
@@ -46,6 +46,21 @@ def deliveries(ids: range, source: str = "web", **extra: Any) -> list[Delivery]:
 
 def ids_in(client: redis_py.Redis, stream: str) -> list[str]:
     return [fields[b"id"].decode() for _, fields in client.xrange(stream)]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"type":"identify","userId":"u"}', "identify"),
+        (b'{"orderId":7}', ""),  # a raw source's event
+        (b'{"type":7}', ""),
+        (b"[1,2]", ""),
+    ],
+)
+def test_the_type_field_and_stream_name_come_from_the_event(body: bytes, expected: str):
+    (stream, entries), *_ = group([Delivery(1, "web", "m-1", 1e9, body, 1)], "ev.{type}").items()
+    assert entries == [Entry("m-1", "web", expected, body)]
+    assert stream == f"ev.{expected or 'none'}"
 
 
 async def test_each_event_becomes_an_entry_with_its_id_source_type_and_body(
