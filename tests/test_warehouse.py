@@ -273,3 +273,36 @@ def test_the_pure_module_imports_no_io_library():
     code = f"import sys, router.warehouse; print(sorted({io} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+KEYS = st.sampled_from(["a", "b", "total", "received_at"]) | st.text(max_size=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(
+    st.sampled_from(["track", "identify", "page", "screen", "group", "alias"]),
+    st.dictionaries(st.sampled_from(["properties", "traits", "context", "event", "name"]), JSON),
+    st.dictionaries(KEYS, st.sampled_from(["text", "float8", "bool", "int4", "timestamptz"])),
+)
+def test_any_event_plans_into_valid_columns_and_values_of_their_kind(kind, fields, known):
+    """Whatever JSON arrives and whatever columns exist, planning never raises, every column
+    name is an identifier, and every value is of its column's kind (or NULL, discarded)."""
+    made = rows_for(
+        {"type": kind, "userId": "u", **fields}, message_id="m", received_at=0.0, loaded_at=LOADED
+    )
+    assert made is not None
+    for row in made:
+        plan = plan_table(row.table, [row.values], {"id": "text", **known}, upsert=False)
+        for column, kind_of_column, value in zip(
+            plan.columns, plan.kinds, plan.rows[0], strict=True
+        ):
+            assert 0 < len(column.encode()) <= MAX_IDENTIFIER_BYTES
+            expected = {"text": str, "other": str, "number": float, "boolean": bool,
+                        "timestamp": datetime}[kind_of_column]  # fmt: skip
+            assert value is None or isinstance(value, expected)
+            if value is None and row.values.get(column) is not None:
+                assert any(d.column == column for d in plan.discards)
