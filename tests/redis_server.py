@@ -39,7 +39,8 @@ class RedisServer:
         args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
         args += ["--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always"]
         args += ["--save", "", "--protected-mode", "yes", "--logfile", str(self.dir / "log")]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file (read on failure): a pipe nobody drains could fill and block it.
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -65,8 +66,6 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(timeout=20)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
 
     def restart(self) -> RedisServer:
         self.stop()

@@ -421,13 +421,15 @@ def test_1000_events_reach_the_hub_once_across_a_hub_restart_mid_stream(
     happened = datetime.now(UTC) - timedelta(seconds=30)
     stamps = {"timestamp": happened.isoformat(), "sentAt": datetime.now(UTC).isoformat()}
     ingest(edge, events(range(500, 1000), **stamps))
-    time.sleep(1.0)  # held at the edge for a while
+    time.sleep(2.0)  # held at the edge for a while (with the hub's restart, 2.5 s or more)
     hub.start()
     forwarded = assert_exactly_once(hub, 1000)
     later = [e for e in forwarded if int(e["messageId"][2:]) >= 500]
     for event in later:
         at_hub = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
-        assert abs(at_hub - happened) < timedelta(seconds=0.5), event
+        # The request's own latency still counts (up to ~1 s on a loaded CI box); the held
+        # time, if it leaked in, would be over twice that.
+        assert abs(at_hub - happened) < timedelta(seconds=1), event
         assert event["properties"] == {"total": 12.5}
     assert hub.stop() == 0
     assert edge.stop() == 0
