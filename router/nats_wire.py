@@ -10,6 +10,7 @@ Protocol reference: https://docs.nats.io/reference/reference-protocols/nats-prot
 
 from __future__ import annotations
 
+import itertools
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -281,9 +282,18 @@ def render_subject(template: str, values: dict[str, str]) -> str:
 
 
 def stream_subjects(template: str) -> list[str]:
-    """The subjects a stream must capture for ``template``: each placeholder a wildcard
-    (``events.{type}`` -> ``events.*``)."""
-    return [_FIELD.sub("*", template)]
+    """The subjects a stream router creates captures for ``template``: everything under its
+    literal leading tokens (``events.{type}`` -> ``events.>``), so consumers may filter with
+    ``events.>`` (the server refuses a filter that is not within the stream's subjects, and
+    ``events.>`` is not within ``events.*``); a template that starts with a placeholder gets
+    each placeholder as one wildcard token."""
+    tokens = template.split(".")
+    literal = list(itertools.takewhile(lambda token: not _FIELD.search(token), tokens))
+    if not literal:
+        return [_FIELD.sub("*", template)]
+    if len(literal) == len(tokens):
+        return [template]
+    return [".".join([*literal, ">"])]
 
 
 # -- JetStream answers -----------------------------------------------------------------

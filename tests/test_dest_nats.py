@@ -144,8 +144,18 @@ def test_bad_url_is_a_config_error_that_does_not_show_it(tmp_path: Path, url: st
     assert "hunter2" not in str(caught.value)
 
 
-def test_stream_subjects_cover_the_template() -> None:
-    assert wire.stream_subjects("events.{source}.{type}") == ["events.*.*"]
+@pytest.mark.parametrize(
+    ("template", "subjects"),
+    [
+        ("events.{source}.{type}", ["events.>"]),
+        ("events.{type}", ["events.>"]),
+        ("a.b.x{type}", ["a.b.>"]),
+        ("{source}.events", ["*.events"]),
+        ("events", ["events"]),
+    ],
+)
+def test_a_created_stream_covers_the_template(template: str, subjects: list[str]) -> None:
+    assert wire.stream_subjects(template) == subjects
 
 
 # -- against a real server, in process -----------------------------------------------
@@ -203,7 +213,7 @@ async def test_publishes_each_event_once_and_a_resend_is_deduplicated(
     assert len({headers["Nats-Msg-Id"] for _, headers, _ in found}) == 1000
     assert {subject for subject, _, _ in found} == {"events.track.Order_Completed"}
     info = nats_server.stream_info("EVENTS")
-    assert info["subjects"] == ["events.*.*"]  # created by the destination from its template
+    assert info["subjects"] == ["events.>"]  # created by the destination from its template
 
 
 async def test_concurrent_batches_share_one_connection(

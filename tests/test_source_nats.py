@@ -17,7 +17,7 @@ from router.config import parse_config
 from router.ingress.nats import NatsSource, convert
 from router.journal import Inspector, open_journal
 from tests.nats_server import NatsServer
-from tests.support import Daemon, Receiver, track
+from tests.support import Daemon, Receiver, SocketClient, track
 
 
 @pytest.fixture
@@ -231,5 +231,71 @@ def _stored(queue: Path) -> int:
         return 0
     try:
         return inspector.event_count()
+    finally:
+        inspector.close()
+
+
+@pytest.mark.slow
+def test_edge_to_nats_to_hub(
+    tmp_path: Path, nats_server: NatsServer, receiver: Receiver, daemons: list[Daemon]
+) -> None:
+    """The whole fan-in: an edge's nats destination, the stream it creates, a hub's source."""
+    (tmp_path / "edge").mkdir()
+    (tmp_path / "hub").mkdir()
+    edge = Daemon(
+        tmp_path / "edge",
+        f"""
+        [sources.local]
+        socket = true
+        [destinations.stream]
+        type = "nats"
+        url = "{nats_server.url}"
+        subject = "events.{{source}}.{{type}}"
+        batch_size = 100
+        batch_wait = "10ms"
+        [[routes]]
+        to = ["stream"]
+        """,
+    )
+    hub = Daemon(
+        tmp_path / "hub",
+        f"""
+        [sources.edges]
+        nats = {{ url = "{nats_server.url}", consumer = "hub", subject = "events.local.>" }}
+        [destinations.hook]
+        type = "webhook"
+        url = "{receiver.url}"
+        batch_size = 100
+        batch_wait = "10ms"
+        [[routes]]
+        from = ["edges"]
+        to = ["hook"]
+        """,
+    )
+    daemons.extend([edge, hub])
+    edge.start()
+    hub.start()  # before the stream exists: it waits for the edge to create it
+    ids = [f"fan-{i}" for i in range(500)]
+    client = SocketClient(edge.socket_path)
+    for start in range(0, 500, 50):
+        client.send({"batch": [track(i) for i in ids[start : start + 50]]})
+        assert client.ack()["ok"]
+    client.close()
+    delivered = receiver.wait_for(500)
+    assert edge.stop() == 0
+    assert hub.stop() == 0
+    assert sorted(set(delivered)) == sorted(ids)
+    at_edge = _bodies(edge.data_dir / "queue.db")
+    at_hub = _bodies(hub.data_dir / "queue.db")
+    assert sorted(at_hub) == sorted(ids)  # once each
+    # The hub keeps the times the edge stamped.
+    assert all(at_hub[i]["receivedAt"] == at_edge[i]["receivedAt"] for i in ids)
+    assert all(at_hub[i]["timestamp"] == at_edge[i]["timestamp"] for i in ids)
+
+
+def _bodies(queue: Path) -> dict[str, dict[str, Any]]:
+    inspector = Inspector(queue)
+    try:
+        return {e.message_id: json.loads(e.body) for e in inspector.events_after(0, 5000)}
     finally:
         inspector.close()

@@ -11,7 +11,7 @@ is delivered when its own PubAck says so, so a failure mid-batch retries only wh
 acknowledged.
 
 The stream: ``stream`` names it, and by default router creates it when it is missing (file
-storage, subjects from the template with each placeholder a wildcard, ``duplicate_window``,
+storage, the subjects under the template's literal prefix (``events.>``), ``duplicate_window``,
 ``replicas``, ``max_age``); an existing stream is used as it is, never changed.
 ``create_stream = false`` leaves streams to the operator. Every message carries
 ``Nats-Expected-Stream``, so one that another stream would capture fails instead of landing
