@@ -49,7 +49,7 @@ ARRAY_TYPES = {"text": "text[]", "number": "float8[]", "boolean": "bool[]",
 
 def write_copy(conn: psycopg.Connection[Any], schema: str, plan: TablePlan) -> None:
     """What the destination does: binary COPY into a session's staging table, then INSERT."""
-    _copy_in(_sessions.setdefault(id(conn), _Session(conn)), schema, plan)
+    conn.execute(_copy_in(_sessions.setdefault(id(conn), _Session(conn)), schema, plan))
 
 
 _sessions: dict[int, _Session] = {}
