@@ -85,6 +85,18 @@ def test_an_event_held_here_has_its_sent_at_moved_by_the_time_held():
     assert shift_sent_at(plain, 3600) is plain
     odd = json.dumps({"messageId": "m", "sentAt": "yesterday"}).encode()
     assert shift_sent_at(odd, 3600) is odd
+    number = json.dumps({"messageId": "m", "sentAt": 1767225600}).encode()
+    assert shift_sent_at(number, 3600) is number
+
+
+def test_only_the_top_level_sent_at_moves():
+    event = {
+        "properties": {"sentAt": "2026-01-01T00:00:00Z", "label": "sentAt"},
+        "sentAt": "2026-01-01T00:00:00Z",
+    }
+    shifted = json.loads(shift_sent_at(json.dumps(event, separators=(",", ":")).encode(), 60))
+    assert shifted["sentAt"] == "2026-01-01T00:01:00.000000+00:00"
+    assert shifted["properties"] == event["properties"]
 
 
 # -- options ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ hub has ``strict_auth = true``; without it a hub, like Segment, answers 200 and 
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import time
 from collections.abc import Sequence
@@ -113,20 +114,29 @@ def iso(when: float) -> str:
 def shift_sent_at(body: bytes, held: float) -> bytes:
     """``body`` with its own ``sentAt`` moved ``held`` seconds later (see the module docstring);
     unchanged when it has none, or one that does not parse."""
-    if b'"sentAt"' not in body or held <= 0:
+    if held <= 0 or b'"sentAt"' not in body:
         return body
     event: Any = msgspec.json.decode(body)
     sent = event.get("sentAt") if type(event) is dict else None
-    if type(sent) is not str:
+    shifted = _shifted(sent, round(held * 1_000_000)) if type(sent) is str else None
+    if shifted is None:
         return body
+    event["sentAt"] = shifted
+    return msgspec.json.encode(event)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shifted(sent: str, held_us: int) -> str | None:
+    # Real clients send a sentAt with every event, and the events of one request share it and
+    # their time held: cached, the datetime work is done once per request, and the shift costs
+    # ~3 us per event (the JSON round trip) instead of ~6.
     try:
         parsed = datetime.fromisoformat(sent)
     except ValueError:
-        return body
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    event["sentAt"] = (parsed + timedelta(seconds=held)).isoformat(timespec="microseconds")
-    return msgspec.json.encode(event)
+    return (parsed + timedelta(microseconds=held_us)).isoformat(timespec="microseconds")
 
 
 def envelope(bodies: Sequence[bytes], sent_at: str) -> bytes:
