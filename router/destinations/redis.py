@@ -16,12 +16,12 @@ pipelined XADDs). It must outlast the time between an attempt and its retry
 (``retry.max_backoff``, 10 min by default, plus any downtime of router).
 
 What it costs, measured on this 2-core box (loopback, batches of 100, AOF ``appendfsync
-always``; ``bench/forward_redis.py``): in Redis, ~11 us per event with the script against ~2 us
-for a plain XADD (``INFO commandstats``), so one Redis core tops out near 90k events/s instead
-of ~450k; memory, ~113 bytes per key for the window (about a third of a 350-byte entry). In
-router it costs nothing: one EVALSHA of 400 arguments is cheaper for redis-py to encode than
-100 XADDs, so ``send`` alone ran at ~20k events/s with the script, ~14k without; the round trip
-count is the same (one pipeline per batch).
+always``; ``bench/forward_redis.py``): in Redis, ~9-11 us per event with the script against
+~2 us for a plain XADD (``INFO commandstats``), so one Redis core tops out near 100k events/s
+instead of ~500k; memory, ~113 bytes per key for the window (about a third of a 350-byte
+entry). In router it costs nothing: one EVALSHA of 400 arguments is cheaper for redis-py to
+encode than 100 XADDs, so ``send`` alone ran at 20k-33k events/s with the script, 14k-20k
+without; the round trip count is the same (one pipeline per batch).
 
 Durability is Redis's: an entry survives a Redis crash only with AOF on (``appendonly yes``)
 and, to survive losing the machine's power, ``appendfsync always`` (``everysec`` may lose the
