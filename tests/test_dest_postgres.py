@@ -438,8 +438,9 @@ def test_1000_events_land_exactly_once_across_a_postgres_crash_and_a_kill_9(
 
 
 @pytest.mark.slow
-def test_new_properties_through_the_daemon_appear_as_columns(tmp_path, daemons, dsn):
-    daemon = Daemon(tmp_path, daemon_config(dsn))
+def test_new_properties_through_the_daemon_appear_as_columns(tmp_path, daemons, dsn, monkeypatch):
+    monkeypatch.setenv("WAREHOUSE_DSN", dsn)  # the DSN as a secret, the way users write it
+    daemon = Daemon(tmp_path, daemon_config("env:WAREHOUSE_DSN"))
     daemons.append(daemon)
     daemon.start()
     send_lines(daemon, [numbered(i) for i in range(1, 10)])
