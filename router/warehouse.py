@@ -64,7 +64,7 @@ USERS_TABLE = "users"
 RESERVED_TABLES = frozenset({*TYPE_TABLES.values(), USERS_TABLE, DISCARDS_TABLE})
 
 # The columns of Segment's layout that are not data: their kinds are fixed, and a property or
-# trait whose name collides with one is renamed (``properties_id``) rather than dropped.
+# trait that collides with one in its table is renamed (``properties_id``) rather than dropped.
 STANDARD_KINDS: dict[str, Kind] = {
     "id": "text",
     "received_at": "timestamp",
@@ -202,47 +202,55 @@ def rows_for(
         "uuid_ts": loaded_at,
     }
     context = event.get("context")
-    contextual = flatten(context, "context") if isinstance(context, dict) else {}
+    contextual = (flatten(context, "context") if isinstance(context, dict) else {}, "")
     if kind == "track":
         name = str(event.get("event", ""))
         table = event_table(name)
         base |= {"event": table, "event_text": name}
-        common = _merge(base, contextual, "context")
-        properties = _mapping(event.get("properties"))
+        properties = (flatten(_mapping(event.get("properties"))), "properties")
         return [
-            Row("tracks", common),
-            Row(table, _merge(common, flatten(properties), "properties")),
+            Row("tracks", _row(base, contextual)),
+            Row(table, _row(base, contextual, properties)),
         ]
     if kind in ("page", "screen"):
         base |= {"name": event.get("name"), "category": event.get("category")}
-        data = flatten(_mapping(event.get("properties")))
-        return [Row(TYPE_TABLES[kind], _merge(_merge(base, contextual), data, "properties"))]
+        properties = (flatten(_mapping(event.get("properties"))), "properties")
+        return [Row(TYPE_TABLES[kind], _row(base, contextual, properties))]
     if kind == "identify":
         traits = _mapping(context.get("traits") if isinstance(context, dict) else None)
-        traits = flatten({**traits, **_mapping(event.get("traits"))})
-        rows = [Row("identifies", _merge(_merge(base, contextual), traits, "traits"))]
+        flat = (flatten({**traits, **_mapping(event.get("traits"))}), "traits")
+        rows = [Row("identifies", _row(base, contextual, flat))]
         if base["user_id"] not in (None, ""):
             user = {"id": base["user_id"], "received_at": base["received_at"], "uuid_ts": loaded_at}
-            rows.append(Row(USERS_TABLE, _merge(user, traits, "traits")))
+            rows.append(Row(USERS_TABLE, _row(user, flat)))
         return rows
     if kind == "group":
         base["group_id"] = event.get("groupId")
-        traits = flatten(_mapping(event.get("traits")))
-        return [Row("groups", _merge(_merge(base, contextual), traits, "traits"))]
+        group_traits = (flatten(_mapping(event.get("traits"))), "traits")
+        return [Row("groups", _row(base, contextual, group_traits))]
     base["previous_id"] = event.get("previousId")
-    return [Row("aliases", _merge(base, contextual))]
+    return [Row("aliases", _row(base, contextual))]
 
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _merge(standard: dict[str, Any], data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``standard`` plus ``data``; a data column named like a standard one gets ``prefix_``."""
+# Data never takes these names, in any table: their kind is fixed, and a ``timestamp`` trait
+# made into a timestamptz column would discard every value that is not a time.
+_TIME_COLUMNS = frozenset(name for name, kind in STANDARD_KINDS.items() if kind == "timestamp")
+
+
+def _row(standard: dict[str, Any], *data: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    """The standard columns (nulls left out), then each part of data with its prefix for names
+    that collide: the row's own standard columns (a page's ``name``, but an identify's ``name``
+    trait stays ``name``) and the time columns."""
+    reserved = standard.keys() | _TIME_COLUMNS
     merged = {name: value for name, value in standard.items() if value is not None}
-    for name, value in data.items():
-        column = identifier(f"{prefix}_{name}") if name in STANDARD_KINDS else name
-        merged.setdefault(column, value)
+    for part, prefix in data:
+        for name, value in part.items():
+            column = identifier(f"{prefix}_{name}") if name in reserved else name
+            merged.setdefault(column, value)
     return merged
 
 

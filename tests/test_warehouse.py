@@ -306,3 +306,13 @@ def test_any_event_plans_into_valid_columns_and_values_of_their_kind(kind, field
             assert value is None or isinstance(value, expected)
             if value is None and row.values.get(column) is not None:
                 assert any(d.column == column for d in plan.discards)
+
+
+def test_a_name_collides_only_with_its_own_tables_standard_columns():
+    identify = rows({"type": "identify", "userId": "u1", "traits": {"name": "Ada", "timestamp": 1}})
+    assert identify["identifies"]["name"] == identify["users"]["name"] == "Ada"
+    # Time columns are never data's: a trait there would make a timestamptz column of it.
+    assert identify["users"]["traits_timestamp"] == 1
+    for page in ({"type": "page", "name": "Home"}, {"type": "page"}):
+        made = rows({**page, "userId": "u1", "properties": {"name": "from properties"}})
+        assert made["pages"]["properties_name"] == "from properties"
