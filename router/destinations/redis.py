@@ -2,8 +2,9 @@
 
 Each entry has the fields ``id`` (the messageId), ``source``, ``type`` (empty for raw events) and
 ``event`` (the event as compact JSON, exactly as stored). ``stream`` names the stream, with
-optional ``{source}`` and ``{type}`` placeholders; ``maxlen`` trims it approximately
-(``MAXLEN ~ N``), which costs Redis far less than exact trimming.
+optional ``{source}`` and ``{type}`` placeholders (``{type}`` is ``none`` for a raw event without
+one); ``maxlen`` trims it approximately (``MAXLEN ~ N``), which costs Redis far less than exact
+trimming.
 
 Redelivery is idempotent. At-least-once delivery sends a batch again when its answer was lost
 (a timeout, a reset connection, a kill -9 of router before it recorded the outcome), and a plain
