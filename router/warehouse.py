@@ -400,4 +400,5 @@ def _merge_by_id(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ordered = sorted(rows, key=lambda row: str(row.get("received_at", "")))
     for row in ordered:
         merged.setdefault(str(row["id"]), {}).update(row)
-    return list(merged.values())
+    # In id order: concurrent batches then lock the same users in the same order (no deadlock).
+    return [merged[user_id] for user_id in sorted(merged)]

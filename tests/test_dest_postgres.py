@@ -301,6 +301,27 @@ async def test_statement_timeout_bounds_a_write_blocked_by_a_lock(dsn):
     assert query(dsn, "SELECT count(*) FROM web.tracks") == [(2,)]
 
 
+async def test_adding_a_column_gives_up_soon_behind_a_long_query(dsn):
+    """A report holding the table: the ALTER TABLE waits about a second, not the statement
+    timeout (every query after it would queue behind it), and the batch retries later."""
+    dest = destination(dsn)
+    await send(dest, order("m1", total=1))
+    with psycopg.connect(dsn) as reader:  # a transaction left open after its SELECT
+        reader.execute("SELECT * FROM web.order_completed").fetchall()
+        started = time.monotonic()
+        with pytest.raises(RetryableDeliveryError, match="lock timeout"):
+            await send(dest, order("m2", coupon="X"))
+        assert time.monotonic() - started < 5
+        assert await send(dest, order("m3", total=3)) is None  # no new column: no wait
+    assert await send(dest, order("m2", coupon="X")) is None
+    await dest.aclose()
+    assert query(dsn, "SELECT id, coupon FROM web.order_completed ORDER BY id") == [
+        ("m1", None),
+        ("m2", "X"),
+        ("m3", None),
+    ]
+
+
 async def test_concurrent_batches_creating_the_same_tables_never_dead_letter(dsn):
     """Two writers creating one table at once can collide in the catalog: that is retried,
     never blamed on the events."""

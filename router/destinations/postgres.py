@@ -87,6 +87,8 @@ _COPY_TYPES: dict[Kind, str] = {
     "timestamp": "timestamptz",
     "other": "text",
 }
+# How long adding a column may wait for its table's lock before the batch is retried.
+DDL_LOCK_TIMEOUT_MS = 1000
 # Staging tables a session keeps (one per table and column set); past this, DISCARD TEMP.
 MAX_STAGING_TABLES = 64
 
@@ -342,8 +344,6 @@ def _add_columns(
     conn: psycopg.Connection[Any], schema: str, plan: TablePlan, *, create: bool
 ) -> None:
     target = sql.Identifier(schema, plan.table)
-    if create:
-        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY)").format(target))
     additions = [
         sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
             sql.Identifier(column), sql.SQL(plan.sql_type(column))
@@ -351,8 +351,17 @@ def _add_columns(
         for column in plan.add
         if column != "id"
     ]
-    if additions:
-        conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(additions))
+    with conn.transaction():
+        # ALTER TABLE waits for every query on the table to end, and every query after it
+        # waits for the ALTER: behind a long report, the warehouse would stall for as long.
+        # Give up soon instead; the batch retries.
+        conn.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT_MS}ms'")
+        if create:
+            conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY)").format(target)
+            )
+        if additions:
+            conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(additions))
     log.info("columns added schema=%s table=%s columns=%s", schema, plan.table, list(plan.add))
 
 
