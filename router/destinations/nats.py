@@ -125,6 +125,8 @@ class NatsDestination:
         self._connecting = trio.Lock()
 
     async def send(self, batch: Sequence[Delivery]) -> Sequence[AttemptResult] | None:
+        # One deadline for connecting and the PubAcks both, inside the dispatcher's timeout.
+        deadline = trio.current_time() + self._ack_timeout
         connection = await self._connected()
         results: list[AttemptResult | None] = [None] * len(batch)
         messages: list[tuple[bytes, bytes, bytes]] = []
@@ -140,7 +142,7 @@ class NatsDestination:
             positions.append(index)
         acks: list[wire.PubAck | None] = [None] * len(messages)
         problem = f"no PubAck within {self._ack_timeout:g}s"
-        with trio.move_on_after(self._ack_timeout):
+        with trio.move_on_at(deadline):
             try:
                 await connection.publish_acked(messages, acks, window=self._options.max_in_flight)
             except NatsError as exc:
