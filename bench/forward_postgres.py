@@ -49,7 +49,8 @@ ARRAY_TYPES = {"text": "text[]", "number": "float8[]", "boolean": "bool[]",
 
 def write_copy(conn: psycopg.Connection[Any], schema: str, plan: TablePlan) -> None:
     """What the destination does: binary COPY into a session's staging table, then INSERT."""
-    conn.execute(_copy_in(_sessions.setdefault(id(conn), _Session(conn)), schema, plan))
+    session = _sessions.setdefault(id(conn), _Session(conn))
+    conn.execute(_copy_in(session, schema, plan, dict(zip(plan.columns, plan.types, strict=True))))
 
 
 _sessions: dict[int, _Session] = {}
@@ -107,7 +108,7 @@ def strategy_rows(server: PostgresServer, batch_sizes: tuple[int, ...]) -> list[
             for number in range(batches):
                 items = plan_items(deliveries(size, f"{name}-{size}-{number}"))
                 plans = [
-                    destination._plan(conn, "bench", table, values)
+                    destination._plan(conn, "bench", table, values)[0]
                     for table, values in group(items).items()
                 ]
                 started = time.perf_counter()

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +46,7 @@ from router.warehouse import (
     Discard,
     Kind,
     TablePlan,
+    kind_of_type,
     plan_table,
     rows_for,
     schema_for,
@@ -89,7 +90,7 @@ _COPY_TYPES: dict[Kind, str] = {
 }
 # How long adding a column may wait for its table's lock before the batch is retried.
 DDL_LOCK_TIMEOUT_MS = 1000
-# Staging tables a session keeps (one per table and column set); past this, DISCARD TEMP.
+# Staging tables a session keeps (one per table and its columns); past this, DISCARD TEMP.
 MAX_STAGING_TABLES = 64
 
 
@@ -234,12 +235,12 @@ class PostgresDestination:
         for _, schema, rows in items:
             for row in rows:
                 grouped[schema, row.table].append(row.values)
-        plans: list[tuple[str, TablePlan]] = []
+        plans: list[tuple[str, TablePlan, dict[str, str]]] = []
         try:
             # Sorted: every writer takes the tables in one order, so two never deadlock.
             for (schema, table), rows in sorted(grouped.items()):
-                plans.append((schema, self._plan(conn, schema, table, rows)))
-            discards = [(schema, d) for schema, plan in plans for d in plan.discards]
+                plans.append((schema, *self._plan(conn, schema, table, rows)))
+            discards = [(schema, d) for schema, plan, _ in plans for d in plan.discards]
             for schema in sorted({schema for schema, _ in discards}):
                 self._ensure_discards(conn, schema)
         except psycopg.Error as exc:
@@ -251,7 +252,7 @@ class PostgresDestination:
             session.staged.clear()
         conn.execute("BEGIN")
         try:
-            inserts = [_copy_in(session, schema, plan) for schema, plan in plans]
+            inserts = [_copy_in(session, schema, plan, cols) for schema, plan, cols in plans]
             if discards:
                 _insert_discards(conn, discards)
             # The INSERTs take no parameters, so they go with the COMMIT in one simple query:
@@ -264,19 +265,20 @@ class PostgresDestination:
 
     def _plan(
         self, conn: psycopg.Connection[Any], schema: str, table: str, rows: list[dict[str, Any]]
-    ) -> TablePlan:
+    ) -> tuple[TablePlan, dict[str, str]]:
+        """The plan, and the table's columns (their type names) once the plan's exist."""
         upsert = table == USERS_TABLE
         known = self._schemas.columns(conn, schema, table)
         plan = plan_table(table, rows, known or {}, upsert=upsert)
-        if not plan.add:
-            return plan
+        if known is not None and not plan.add:
+            return plan, known
         _add_columns(conn, schema, plan, create=known is None)
         # Another writer may have made a column first, with another type: plan on what is.
         known = self._schemas.columns(conn, schema, table, refresh=True)
         plan = plan_table(table, rows, known or {}, upsert=upsert)
-        if plan.add:  # dropped again at once, say: the retry will see
+        if known is None or plan.add:  # dropped again at once, say: the retry will see
             raise psycopg.ProgrammingError(f"columns still missing in {table}: {list(plan.add)}")
-        return plan
+        return plan, known
 
     def _ensure_discards(self, conn: psycopg.Connection[Any], schema: str) -> None:
         if self._schemas.columns(conn, schema, DISCARDS_TABLE) is not None:
@@ -365,19 +367,24 @@ def _add_columns(
     log.info("columns added schema=%s table=%s columns=%s", schema, plan.table, list(plan.add))
 
 
-def _copy_in(session: _Session, schema: str, plan: TablePlan) -> sql.Composed:
-    """COPY the rows into this session's staging table for the plan's columns; return the
-    INSERT that moves them into the table. The staging table lives as long as the session and
-    empties at every commit."""
+def _copy_in(
+    session: _Session, schema: str, plan: TablePlan, table_columns: Mapping[str, str]
+) -> sql.Composed:
+    """COPY the rows into this session's staging table for the table; return the INSERT that
+    moves them into the table. The staging table has every column the table has (so batches
+    with different columns share it, and it changes only when the table does), lives as long
+    as the session and empties at every commit."""
     conn = session.conn
-    signature = repr((schema, plan.table, plan.columns, plan.kinds)).encode()
+    layout = sorted(
+        (column, _COPY_TYPES[kind_of_type(udt)]) for column, udt in table_columns.items()
+    )
+    signature = repr((schema, plan.table, layout)).encode()
     name = "router_staging_" + hashlib.sha1(signature).hexdigest()[:16]
     staging = sql.Identifier(name)
-    names = sql.SQL(", ").join(sql.Identifier(column) for column in plan.columns)
     if name not in session.staged:
         columns = [
-            sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(_COPY_TYPES[kind]))
-            for column, kind in zip(plan.columns, plan.kinds, strict=True)
+            sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(copy_type))
+            for column, copy_type in layout
         ]
         conn.execute(
             sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
@@ -385,6 +392,7 @@ def _copy_in(session: _Session, schema: str, plan: TablePlan) -> sql.Composed:
             )
         )
         session.staged.add(name)
+    names = sql.SQL(", ").join(sql.Identifier(column) for column in plan.columns)
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(staging, names)
     with conn.cursor().copy(copy_sql) as copy:
         copy.set_types([_COPY_TYPES[kind] for kind in plan.kinds])
