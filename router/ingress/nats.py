@@ -256,5 +256,16 @@ def start_nats_sources(
     first at shutdown; what it committed but had not acked is redelivered and deduplicated).
     ``start_soon``, not ``start``: router is ready, and takes other ingest, without NATS."""
     for source in config.sources.values():
-        if source.nats is not None:
-            nursery.start_soon(NatsSource(journal, source, plans.get(source.name)).run)
+        if source.nats is None:
+            continue
+        if config.queue.dedupe_window <= source.nats.ack_wait:
+            # Exactly-once at the hub rests on the dedupe: a message committed but not acked
+            # comes back after ack_wait (or after the hub's restart) and must be recognised.
+            log.warning(
+                "nats source without a dedupe window longer than its ack_wait: redeliveries "
+                "will be stored twice source=%s dedupe_window=%gs ack_wait=%gs",
+                source.name,
+                config.queue.dedupe_window,
+                source.nats.ack_wait,
+            )
+        nursery.start_soon(NatsSource(journal, source, plans.get(source.name)).run)
