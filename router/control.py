@@ -83,7 +83,9 @@ def offline(config: Config, request: dict[str, Any]) -> dict[str, Any]:
 
     async def run() -> dict[str, Any]:
         async with open_journal(
-            config.server.data_dir / "queue.db", synchronous=config.queue.synchronous
+            config.server.data_dir / "queue.db",
+            synchronous=config.queue.synchronous,
+            dedupe_window=config.queue.dedupe_window,
         ) as journal:
             await journal.ensure_cursors(list(config.destinations))
             routed = pipelines(config, configured_transforms(config))

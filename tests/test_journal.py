@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -54,6 +55,61 @@ async def test_duplicates_inside_the_window_are_stored_once(tmp_path: Path):
         assert await journal.append("other", events("a"), NOW) == 1  # per source
         assert await journal.append("app", events("a"), NOW + 3601) == 1  # window passed
     assert Inspector(tmp_path / "queue.db").event_count() == 4
+
+
+async def test_with_dedupe_off_repeats_are_stored_and_the_index_goes(tmp_path: Path):
+    path = tmp_path / "queue.db"
+    async with open_journal(path, dedupe_window=0) as journal:
+        assert await journal.append("app", events("a", "a"), NOW) == 2
+    assert not _has_dedupe_index(path)
+    async with open_journal(path, dedupe_window=3600) as journal:  # on again: indexed again
+        assert await journal.append("app", events("a"), NOW + 1) == 0
+        assert await journal.append("app", events("b"), NOW + 1) == 1
+    assert _has_dedupe_index(path)
+    assert Inspector(path).event_count() == 3
+
+
+def _has_dedupe_index(path: Path) -> bool:
+    conn = apsw.Connection(str(path))
+    try:
+        return bool(
+            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events_by_message'").fetchall()
+        )
+    finally:
+        conn.close()
+
+
+async def test_a_failing_write_in_a_group_of_appends_fails_alone(tmp_path: Path):
+    # A first write holds the writer thread, so everything after it commits as one group.
+    def hold(_conn: apsw.Connection) -> None:
+        time.sleep(0.3)
+
+    def broken(_conn: apsw.Connection) -> None:
+        raise TypeError("a bug in one operation")
+
+    results: dict[str, object] = {}
+
+    async def append(name: str) -> None:
+        results[name] = await journal.append("app", events(name), NOW)
+
+    async def write_broken() -> None:
+        with pytest.raises(JournalError, match="a bug"):
+            await journal.write(broken)
+        results["broken"] = "refused"
+
+    async with open_journal(tmp_path / "queue.db") as journal:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(journal.write, hold)
+            await trio.sleep(0.05)
+            for name in ("a", "b"):
+                nursery.start_soon(append, name)
+            nursery.start_soon(write_broken)
+            for name in ("c", "d"):
+                nursery.start_soon(append, name)
+        assert results == {"a": 1, "b": 1, "c": 1, "d": 1, "broken": "refused"}
+    inspector = Inspector(tmp_path / "queue.db")
+    assert inspector.event_count() == 4
+    assert inspector.tallies("source", "app") == {"accepted": 4}
 
 
 async def test_concurrent_appends_all_commit(tmp_path: Path):
