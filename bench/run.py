@@ -63,11 +63,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class Running:
+    port: int
+    data: Path
+    config: Path
+    process: subprocess.Popen[bytes]
+    ready_after: float  # seconds from spawn to /ready answering 200
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        found = re.search(r"VmRSS:\s+(\d+) kB", status)
+        assert found is not None
+        return int(found.group(1)) / 1024
+
+
 @contextmanager
-def daemon(tmp: Path, body: str, synchronous: str = "full") -> Iterator[tuple[int, Path]]:
+def running(
+    tmp: Path, body: str, synchronous: str = "full", *, data: Path | None = None, queue: str = ""
+) -> Iterator[Running]:
     """`router run` on CPU 0 with ``body`` as its sources/destinations/routes."""
     port = free_port()
-    data = tmp / f"data-{port}"
+    data = data or tmp / f"data-{port}"
     config = tmp / f"router-{port}.toml"
     config.write_text(
         textwrap.dedent(f"""
@@ -78,9 +95,12 @@ def daemon(tmp: Path, body: str, synchronous: str = "full") -> Iterator[tuple[in
         [queue]
         synchronous = "{synchronous}"
         """)
+        + queue
+        + "\n"
         + textwrap.dedent(body)
     )
     with (tmp / f"log-{port}").open("wb") as log:
+        started = time.monotonic()
         process = subprocess.Popen(
             [PYTHON, "-m", "router", "run", "--config", str(config), "--log-level", "warning"],
             stdout=log,
@@ -89,13 +109,19 @@ def daemon(tmp: Path, body: str, synchronous: str = "full") -> Iterator[tuple[in
         )
     try:
         wait_ready(port)
-        yield port, data
+        yield Running(port, data, config, process, time.monotonic() - started)
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        process.wait(timeout=120)
 
 
-def wait_ready(port: int, timeout: float = 60) -> float:
+@contextmanager
+def daemon(tmp: Path, body: str, synchronous: str = "full") -> Iterator[tuple[int, Path]]:
+    with running(tmp, body, synchronous) as router:
+        yield router.port, router.data
+
+
+def wait_ready(port: int, timeout: float = 300) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         try:
@@ -170,11 +196,91 @@ def http_rows(tmp: Path, seconds: float) -> list[Row]:
             capture_output=True, text=True, check=True, preexec_fn=lambda: pin(0),
         ).stdout)  # fmt: skip
     rows.append(Row("raw SQLite, 100 rows per commit, FULL", raw, "rows/s"))
-    with daemon(tmp, INGEST) as (port, _):
-        got = wrk(port, "/v1/batch", batch, seconds, connections=8)
-    rows.append(Row("POST /v1/batch x100, full", got["rps"] * 100, "events/s", raw,
-                    f"p99 {got['p99_ms']:.1f} ms"))  # fmt: skip
+    for label, queue in (("", ""), (", dedupe off", 'dedupe_window = "0s"')):
+        with running(tmp, INGEST, queue=queue) as router:
+            got = wrk(router.port, "/v1/batch", batch, seconds, connections=16)
+        rows.append(Row(f"POST /v1/batch x100, full{label}", got["rps"] * 100, "events/s", raw,
+                        f"p99 {got['p99_ms']:.1f} ms"))  # fmt: skip
     return rows
+
+
+def paced_rows(tmp: Path, seconds: float, max_rate: float) -> list[Row]:
+    """p99 ack latency of single-event POSTs at half the rate measured flat out."""
+    rate = max_rate / 2
+    with running(tmp, INGEST) as router:
+        out = subprocess.run(
+            [PYTHON, str(HERE / "paced_load.py"), str(router.port), f"{rate:.0f}", f"{seconds:g}"],
+            capture_output=True, text=True, check=True, preexec_fn=lambda: pin(1),
+        ).stdout  # fmt: skip
+    got = json.loads(out)
+    return [Row(f"ack p99 at half load ({rate:,.0f} req/s)", got["p99_ms"], "ms",
+                note=f"p50 {got['p50_ms']:.2f} ms, max {got['max_ms']:.1f} ms, full")]  # fmt: skip
+
+
+def replay_row(tmp: Path, events: int) -> Row:
+    """`router replay` of the whole log to a file destination, timed to the last line written."""
+    out = tmp / "replayed.ndjson"
+    body = f"""
+        [sources.bench]
+        socket = true
+        [destinations.archive]
+        type = "file"
+        path = "{out}"
+        batch_size = 500
+        [[routes]]
+        to = ["archive"]
+        """
+    with running(tmp, body) as router:
+        subprocess.run(
+            [PYTHON, str(HERE / "socket_load.py"), str(router.data / "router.sock"), str(events)],
+            capture_output=True, check=True, preexec_fn=lambda: pin(1),
+        )  # fmt: skip
+        _wait_lines(out, events)
+        started = time.perf_counter()
+        subprocess.run(
+            [PYTHON, "-m", "router", "replay", "--to", "archive", "--since", "1h", "--no-wait",
+             "--config", str(router.config)],
+            capture_output=True, check=True, preexec_fn=lambda: pin(1),
+        )  # fmt: skip
+        _wait_lines(out, 2 * events)
+        rate = events / (time.perf_counter() - started)
+    return Row("replay of the log to a file destination", rate, "events/s")
+
+
+def _wait_lines(path: Path, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{path} did not reach {count} lines")
+
+
+def pending_rows(tmp: Path, pending: int) -> list[Row]:
+    """Start-up time and memory with ``pending`` events waiting for a destination that is down."""
+    data = tmp / "pending-data"
+    subprocess.run([PYTHON, str(HERE / "fill.py"), str(data), str(pending), "hook"], check=True)
+    body = f"""
+        [sources.bench]
+        write_key = "bench"
+        [destinations.hook]
+        type = "webhook"
+        url = "http://127.0.0.1:{free_port()}/"
+        batch_size = 100
+        [[routes]]
+        to = ["hook"]
+        """
+    with running(tmp, body, data=data) as router:
+        at_ready = router.rss_mb()
+        time.sleep(5)  # the dispatcher tries, fails and parks what it read as retries
+        later = router.rss_mb()
+    size = (data / "queue.db").stat().st_size / 1024**2
+    return [
+        Row(f"start-up to /ready, {pending:,} pending", router.ready_after, "s",
+            note=f"queue file {size:,.0f} MiB"),
+        Row(f"RSS with {pending:,} pending", max(at_ready, later), "MB",
+            note=f"{at_ready:.0f} MB at ready, {later:.0f} MB 5 s later"),
+    ]  # fmt: skip
 
 
 def socket_row(tmp: Path, events: int) -> Row:
@@ -225,20 +331,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--pending", type=int, default=1_000_000)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.events, args.pending = 1.0, 2000, 5000
     rows: list[Row] = []
+
+    def max_single_rate() -> float:
+        return next((r.value for r in rows if r.name == "POST /v1/track, full"), 2000.0)
+
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         for make in (
             lambda: http_rows(tmp, args.seconds),
+            lambda: paced_rows(tmp, args.seconds, max_single_rate()),
             lambda: [socket_row(tmp, args.events)],
             lambda: delivery_rows(tmp, args.events),
+            lambda: [replay_row(tmp, args.events)],
+            lambda: pending_rows(tmp, args.pending),
         ):
             made = make()
             rows += made
             for row in made:
-                figure = f"{row.value:>12,.0f} {row.unit:<9}"
+                figure = f"{row.value:>12,.{2 if row.value < 100 else 0}f} {row.unit:<9}"
                 print(f"{row.name:<45} {figure} ratio {row.ratio:>5}  {row.note}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
