@@ -88,6 +88,17 @@ class NatsServer:
         time.sleep(down_for)
         self.start()
 
+    def unread_bytes(self) -> int:
+        """Bytes clients sent that the server has not read yet (it is frozen, say): the
+        receive queues of its established loopback connections, from /proc/net/tcp."""
+        port = f"{self.port:04X}"
+        total = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port}") and fields[3] == "01":  # 01: ESTABLISHED
+                total += int(fields[4].split(":")[1], 16)
+        return total
+
     # -- the oracle (nats-py) ------------------------------------------------
 
     def run(self, work: Callable[[Any], Awaitable[T]]) -> T:

@@ -428,7 +428,10 @@ def test_daemon_delivers_1000_exactly_once_across_a_server_restart_and_a_kill_9(
     try:
         send_all(client, ids[600:])
         client.close()
-        time.sleep(0.5)  # router publishes into the frozen server's socket
+        deadline = time.monotonic() + 10  # until router has published into the frozen server
+        while time.monotonic() < deadline and nats_server.unread_bytes() < 10_000:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the rest of its batch
         daemon.kill()
     finally:
         nats_server.process.send_signal(signal.SIGCONT)

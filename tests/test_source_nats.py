@@ -143,8 +143,10 @@ async def test_committed_but_unacked_messages_are_redelivered_and_stored_once(
     finally:
         inspector.close()
     assert sorted(stored) == sorted(ids)
-    # The first batch was committed, not acked, redelivered, and absorbed by the dedupe.
-    assert tallies == {"accepted": 300, "duplicate": 100}
+    # The first batch was committed, not acked, redelivered, and absorbed by the dedupe (on a
+    # loaded machine a slow commit can outlast ack_wait, and more come back: absorbed too).
+    assert tallies["accepted"] == 300
+    assert tallies["duplicate"] >= 100
     assert nats_server.consumer_pending("EVENTS", "hub") == {"pending": 0, "ack_pending": 0}
 
 
@@ -212,6 +214,14 @@ def test_hub_stores_each_event_once_across_a_kill_9(
     print(f"the hub had stored {at_kill} of 1000 when it was killed")
     hub.start()
     delivered = receiver.wait_for(1000)
+    # Messages the killed hub had taken but not acked come back after ack_wait, possibly after
+    # all 1000 reached the webhook: let them be absorbed before stopping.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and nats_server.consumer_pending("EVENTS", "hub") != {
+        "pending": 0,
+        "ack_pending": 0,
+    }:
+        time.sleep(0.1)
     assert hub.stop() == 0
     assert at_kill > 0, "the hub consumed nothing before it was killed"
     inspector = Inspector(queue)
