@@ -237,6 +237,25 @@ class _Operation:
 _STOP = object()
 
 
+class PendingWrite:
+    """A write queued on the writer thread; ``result()`` waits for its commit."""
+
+    __slots__ = ("_op",)
+
+    def __init__(self, op: _Operation) -> None:
+        self._op = op
+
+    async def result(self) -> Any:
+        """The write's result once committed, or its error. Shielded: a caller cancelled
+        mid-commit must not be left unsure what was written."""
+        op = self._op
+        with trio.CancelScope(shield=True):
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+
 def connect(path: Path, *, readonly: bool = False, vfs: str | None = None) -> apsw.Connection:
     """Open the database, mapping "this is not a usable queue" to a clear JournalError.
 
@@ -387,6 +406,18 @@ class Journal:
         commit, so the caller may ack. Shielded: a client that hangs up mid-commit must not
         leave us unsure what was written.
         """
+        stored: int = await self.queue_append(source, events, received_at, tallies).result()
+        return stored
+
+    def queue_append(
+        self,
+        source: str,
+        events: Sequence[StoredEvent],
+        received_at: float,
+        tallies: Mapping[str, int] | None = None,
+    ) -> PendingWrite:
+        """``append`` in two steps: queued now, in call order, and committed by the time
+        ``result()`` returns. A reader can parse its next input while this one commits."""
         if self._dedupe_window > 0:
             since = received_at - self._dedupe_window
             rows: list[tuple[object, ...]] = [
@@ -409,8 +440,7 @@ class Journal:
                     self._tallies["source", source, reason] += n
             return stored
 
-        stored: int = await self._submit(apply)
-        return stored
+        return self._queue(apply)
 
     async def record(self, batch: BatchRecord) -> None:
         """Commit a dispatcher's outcomes (and its cursor) atomically."""
@@ -530,13 +560,12 @@ class Journal:
         return Reader(self.path)
 
     async def _submit(self, apply: _Apply, *, bare: bool = False) -> Any:
+        return await self._queue(apply, bare=bare).result()
+
+    def _queue(self, apply: _Apply, *, bare: bool = False) -> PendingWrite:
         op = _Operation(apply=apply, done=trio.Event(), bare=bare)
         self._ops.put(op)
-        with trio.CancelScope(shield=True):
-            await op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
+        return PendingWrite(op)
 
     async def aclose(self) -> None:
         """Finish every queued write, then close the file."""
