@@ -329,11 +329,20 @@ _parse_sent = functools.lru_cache(maxsize=64)(_parse_us)
 
 def _format_us(us: int) -> str | None:
     """Unix microseconds as ``2026-12-03T21:33:13.123Z`` (truncated to ms); None past year 9999."""
+    second, rest = divmod(us, 1_000_000)
+    prefix = _second_text(second)
+    return None if prefix is None else f"{prefix}.{rest // 1000:03d}Z"
+
+
+# Events arriving one per request each have a received_at of their own, but share the second:
+# formatting only the milliseconds is 4x cheaper than a datetime per event.
+@functools.lru_cache(maxsize=64)
+def _second_text(second: int) -> str | None:
     try:
-        moment = _NAIVE_EPOCH + timedelta(microseconds=us - us % 1000)
+        moment = _NAIVE_EPOCH + timedelta(seconds=second)
     except OverflowError:
         return None
-    return moment.isoformat(timespec="milliseconds") + "Z"
+    return moment.isoformat(timespec="seconds")
 
 
 _AT_FIELD = re.compile(r"at `\$\.([^`.\[]+)")

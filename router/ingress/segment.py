@@ -14,6 +14,7 @@ single-event path it is a 400, as Segment does.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import logging
 import time
@@ -55,6 +56,9 @@ def is_segment_path(path: str) -> bool:
 # -- pure parts ----------------------------------------------------------------
 
 
+# A client sends the same header with every request: decode each distinct one once. Bounded, so
+# a flood of made-up keys cannot grow it.
+@functools.lru_cache(maxsize=1024)
 def header_write_key(authorization: str | None) -> str | None:
     """The write key in ``Authorization: Basic base64(key:)`` (the colon is optional), or the
     token of ``Bearer``; None when absent or unreadable."""
@@ -301,7 +305,7 @@ class SegmentApi:
         source = parsed.source
         if source is None:
             return self._unknown_key(parsed)
-        tallies = Counter(refused.code for refused in parsed.refused)
+        tallies = Counter([refused.code for refused in parsed.refused])
         if parsed.refused:
             log.warning(
                 "dropped invalid events source=%s count=%d first=%s",
