@@ -38,6 +38,7 @@ from typing import Any, Literal
 import apsw
 import trio
 
+from router.checkpointer import Checkpointer
 from router.errors import JournalError, QueueFullError, RouterError
 from router.events import StoredEvent
 from router.retention import (
@@ -128,9 +129,9 @@ WHERE NOT EXISTS (
 _DEDUPE_INDEX = "CREATE INDEX IF NOT EXISTS events_by_message ON events(source, message_id)"
 _INSERT = "INSERT INTO events(source, message_id, received_at, body) VALUES (?1, ?2, ?3, ?4)"
 
-# Checkpoint less often than SQLite's 1000 pages: a page changed by many commits in a row (the
-# dedupe index's, the cursors') is then copied back to the database once rather than each time.
-_AUTOCHECKPOINT_PAGES = 8192
+# SQLite's own threshold: a checkpoint once the WAL holds this many pages (router/checkpointer.py
+# runs it, off the writer thread).
+_CHECKPOINT_PAGES = 1000
 
 # The newest seq ever handed out. Not max(seq): the pruner may delete the newest rows, and
 # a head that went back would start a new destination's cursor below events restored from
@@ -323,7 +324,6 @@ def _prepare(
         # A savepoint's undo pages go to a temporary file by default: an open, writes and a
         # close for every savepoint. In memory they cost nothing (measured: 3x faster appends).
         conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")
         if max_page_count is not None:
             conn.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
         with conn:
@@ -366,9 +366,11 @@ class Journal:
         dedupe_window: float,
         max_bytes: int,
         clock: Callable[[], float] = time.time,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.path = path
         self._conn = conn
+        self._checkpointer = checkpointer
         self._dedupe_window = dedupe_window
         self._max_bytes = max_bytes
         self._clock = clock
@@ -595,6 +597,8 @@ class Journal:
         self._ops.put(_STOP)
         await trio.to_thread.run_sync(self._thread.join)
         self._conn.close()
+        if self._checkpointer is not None:
+            await trio.to_thread.run_sync(self._checkpointer.close)
 
     # -- the writer thread ---------------------------------------------------
 
@@ -1029,7 +1033,11 @@ async def open_journal(
     conn = await trio.to_thread.run_sync(
         partial(_prepare, path, synchronous, max_page_count, vfs, dedupe=dedupe_window > 0)
     )
-    journal = Journal(path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes)
+    checkpointer = Checkpointer(connect(path, vfs=vfs), every_pages=_CHECKPOINT_PAGES)
+    conn.set_wal_hook(checkpointer.wal_hook)  # replaces SQLite's automatic checkpoint
+    journal = Journal(
+        path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes, checkpointer=checkpointer
+    )
     try:
         yield journal
     finally:
