@@ -52,4 +52,12 @@ def _fixed_changes(old: Config, new: Config) -> tuple[str, ...]:
         changed.append("queue")
     if old.socket_source != new.socket_source:
         changed.append("which source takes the socket")
+    # A NATS consumer runs with the settings and tracking plan it started with.
+    for name in sorted(old.sources.keys() | new.sources.keys()):
+        before, after = old.sources.get(name), new.sources.get(name)
+        pulled = (before is not None and before.nats is not None) or (
+            after is not None and after.nats is not None
+        )
+        if pulled and before != after:
+            changed.append(f"sources.{name} (a nats source)")
     return tuple(changed)

@@ -16,6 +16,7 @@ from router import nats_wire as wire
 from router.config import parse_config
 from router.ingress.nats import NatsSource, convert
 from router.journal import Inspector, open_journal
+from router.reload import plan_reload
 from tests.nats_server import NatsServer
 from tests.support import Daemon, Receiver, SocketClient, track
 
@@ -309,3 +310,17 @@ def _bodies(queue: Path) -> dict[str, dict[str, Any]]:
         return {e.message_id: json.loads(e.body) for e in inspector.events_after(0, 5000)}
     finally:
         inspector.close()
+
+
+def test_a_reload_says_a_changed_nats_source_needs_a_restart() -> None:
+    def config(consumer: str) -> str:
+        return (
+            "[sources.edges]\n"
+            'nats = { url = "nats://127.0.0.1:4222", stream = "EVENTS", '
+            f'consumer = "{consumer}" }}\n'
+        )
+
+    same = plan_reload(parse_config(config("hub")), parse_config(config("hub")))
+    assert same.needs_restart == ()
+    changed = plan_reload(parse_config(config("hub")), parse_config(config("hub-2")))
+    assert changed.needs_restart == ("sources.edges (a nats source)",)

@@ -36,7 +36,7 @@ BUILT_INS: dict[str, Factory] = {
 OPTIONAL_BUILT_INS = {
     "segment": ("router.destinations.segment", "SegmentDestination", None),
     "postgres": ("router.destinations.postgres", "PostgresDestination", "postgres"),
-    "nats": ("router.destinations.nats", "NatsDestination", "nats"),
+    "nats": ("router.destinations.nats", "NatsDestination", None),
     "redis": ("router.destinations.redis", "RedisDestination", "redis"),
 }
 
