@@ -326,12 +326,34 @@ def delivery_rows(tmp: Path, events: int) -> list[Row]:
     return rows
 
 
+def forwarding_rows(tmp: Path, events: int) -> list[Row]:
+    """Each forwarding destination's bench/forward_*.py, end to end through a daemon."""
+    import importlib
+
+    sys.path.insert(0, str(HERE.parent))
+    rows = []
+    for name in ("segment", "postgres", "nats", "redis"):
+        module = importlib.import_module(f"bench.forward_{name}")
+        scratch = tmp / f"forward-{name}"
+        scratch.mkdir()
+        rows += [
+            Row(found["name"], found["value"], found["unit"], note=found.get("note", ""))
+            for found in module.measure(scratch, min(events, 50_000))
+        ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--pending", type=int, default=1_000_000)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
+    parser.add_argument(
+        "--forwarding",
+        action="store_true",
+        help="also the segment, postgres, nats and redis destinations (starts those servers)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.smoke:
@@ -350,6 +372,7 @@ def main() -> None:
             lambda: delivery_rows(tmp, args.events),
             lambda: [replay_row(tmp, args.events)],
             lambda: pending_rows(tmp, args.pending),
+            *([lambda: forwarding_rows(tmp, args.events)] if args.forwarding else []),
         ):
             made = make()
             rows += made
