@@ -16,13 +16,23 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
 class _Counter:
+    """Events seen on every connection, and when the goal is reached."""
+
     def __init__(self, goal: int) -> None:
         self.goal = goal
         self.events = 0
         self.first = 0.0
+        self.done = trio.Event()
+
+
+class _Requests:
+    """One connection's parser callbacks: its own count of requests to answer (a count shared
+    by every connection let one answer another's requests while that one was sending)."""
+
+    def __init__(self, counter: _Counter) -> None:
+        self.counter = counter
         self.body: list[bytes] = []
         self.complete = 0
-        self.done = trio.Event()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -31,10 +41,11 @@ class _Counter:
         body = b"".join(self.body)
         self.body = []
         self.complete += 1
-        self.first = self.first or time.perf_counter()
-        self.events += body.count(b'"messageId"')
-        if self.events >= self.goal:
-            self.done.set()
+        counter = self.counter
+        counter.first = counter.first or time.perf_counter()
+        counter.events += body.count(b'"messageId"')
+        if counter.events >= counter.goal:
+            counter.done.set()
 
 
 async def main(port_file: str, goal: int) -> None:
@@ -47,14 +58,15 @@ async def main(port_file: str, goal: int) -> None:
     os.replace(port_file + ".tmp", port_file)
 
     async def serve(sock: trio.socket.SocketType) -> None:
-        parser = httptools.HttpRequestParser(counter)
+        requests = _Requests(counter)
+        parser = httptools.HttpRequestParser(requests)
         with sock:
             try:
                 while data := await sock.recv(65536):
                     parser.feed_data(data)
-                    if counter.complete:
-                        await sock.send(OK * counter.complete)
-                        counter.complete = 0
+                    if requests.complete:
+                        answers, requests.complete = requests.complete, 0
+                        await sock.send(OK * answers)
             except OSError:
                 return  # the client closed the connection: router's pool does that
 
