@@ -751,9 +751,12 @@ def test_wall_clock_jumps_cause_no_retry_storm_and_no_stall(
     assert forward <= 20 * 8, forward
     assert backward <= 20 * 8, backward
     assert back_short <= 20 * 8, back_short
-    # Not stalled either: with a 2s backoff ceiling, 20 events retry a few times in 3s.
-    assert back_short >= 10, back_short
-    assert backward >= 10, backward
+    # Not stalled either: a stall parks the retries for the 30 min or 2.5 h the clock lost,
+    # leaving no attempt at all in the window. How many land in 3 s varies with when the retry
+    # loop next wakes and notices the step (4 to 24 over runs, same code), so the bound only
+    # separates "retrying" from "parked".
+    assert back_short >= 3, back_short
+    assert backward >= 3, backward
     assert set(delivered) == set(ids)
-    assert took < 6.0, took
+    assert took < 15.0, took  # a 2 s backoff ceiling: seconds, where a stall would be hours
     assert shown["delivered"] == len(ids)
