@@ -17,11 +17,9 @@ synchronous_commit on, pinned to CPU 1:
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,7 +32,7 @@ from psycopg import sql
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.run import EVENT, PYTHON, daemon, pin  # noqa: E402
+from bench.run import EVENT, PYTHON, daemon, pin, run_measure  # noqa: E402
 from router.destinations.base import BuildContext, Delivery  # noqa: E402
 from router.destinations.postgres import PostgresDestination, _copy_in, _Session  # noqa: E402
 from router.warehouse import TablePlan, rows_for  # noqa: E402
@@ -201,14 +199,5 @@ def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
         server.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        for row in measure(Path(scratch), args.events):
-            print(f"{row['name']:<50} {row['value']:>8,} {row['unit']:<9} {row['note']}")
-
-
 if __name__ == "__main__":
-    main()
+    run_measure(measure, __doc__ or "", 20_000)

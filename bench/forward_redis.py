@@ -15,12 +15,10 @@ to CPU 1:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.forward_segment import file_baseline  # noqa: E402
-from bench.run import EVENT, PYTHON, daemon, pin  # noqa: E402
+from bench.run import EVENT, PYTHON, daemon, pin, run_measure  # noqa: E402
 from router.destinations.base import BuildContext, Delivery  # noqa: E402
 from router.destinations.redis import RedisDestination  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -130,14 +128,5 @@ def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        for row in measure(Path(scratch), args.events):
-            print(f"{row['name']:<50} {row['value']:>10,.1f} {row['unit']:<9} {row['note']}")
-
-
 if __name__ == "__main__":
-    main()
+    run_measure(measure, __doc__ or "", 100_000)

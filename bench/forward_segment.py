@@ -12,12 +12,10 @@ machine whose figures move with what else runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.run import PYTHON, daemon, pin  # noqa: E402
+from bench.run import PYTHON, daemon, pin, run_measure  # noqa: E402
 
 HUB = """
 [http]
@@ -127,14 +125,5 @@ def measure(tmp: Path, events: int) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        for row in measure(Path(scratch), args.events):
-            print(f"{row['name']:<50} {row['value']:>10,.0f} {row['unit']:<9} {row['note']}")
-
-
 if __name__ == "__main__":
-    main()
+    run_measure(measure, __doc__ or "", 100_000)

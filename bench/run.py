@@ -23,10 +23,11 @@ import tempfile
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -324,6 +325,18 @@ def delivery_rows(tmp: Path, events: int) -> list[Row]:
         rows.append(Row(f"webhook delivery, batches of {batch_size}", float(out), "events/s",
                         note=f"{count:,} events waiting at start, receiver on CPU 1"))  # fmt: skip
     return rows
+
+
+def run_measure(
+    measure: Callable[[Path, int], list[dict[str, Any]]], description: str, events: int
+) -> None:
+    """The command line of a bench/forward_*.py: ``--events N``, then its rows printed."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--events", type=int, default=events)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        for row in measure(Path(scratch), args.events):
+            print(f"{row['name']:<60} {row['value']:>12,.1f} {row['unit']:<9} {row['note']}")
 
 
 def forwarding_rows(tmp: Path, events: int) -> list[Row]:
