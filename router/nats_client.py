@@ -82,12 +82,15 @@ class Connection:
             hello = wire.connect(
                 name=name, user=address.user, password=address.password, token=address.token
             )
+            # CONNECT alone, then its answer: a server refusing it answers -ERR and closes, and
+            # closing with our later commands unread would make it a reset, which can take the
+            # -ERR (what the operator needs to see) with it.
+            await connection.write(hello)
+            await connection.ping()  # a refused CONNECT answers -ERR here, not silence
             await connection.write(
-                hello
-                + wire.sub(connection._inbox + "*", _REPLY_SID)
+                wire.sub(connection._inbox + "*", _REPLY_SID)
                 + wire.sub(connection._inbox + "pull.*", _PULL_SID)
             )
-            await connection.ping()  # a refused CONNECT answers -ERR here, not silence
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             await stream.aclose()
             raise NatsError(f"connection to {address.host}:{address.port} failed: {exc}") from exc
@@ -133,11 +136,10 @@ class Connection:
         try:
             data = await self._stream.receive_some(READ_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._break(f"read failed: {exc!r}")
+            self._break(f"read failed{self._after_error()}: {exc!r}")
             raise NatsError(self.error or "read failed") from exc
         if not data:
-            said = f" after -ERR {self.server_error!r}" if self.server_error else ""
-            self._break(f"the server closed the connection{said}")
+            self._break(f"the server closed the connection{self._after_error()}")
             raise NatsError(self.error or "closed")
         self.last_read = trio.current_time()
         try:
@@ -175,6 +177,9 @@ class Connection:
                 handler(msg)
         elif msg.sid == _PULL_SID and self._on_pull is not None:
             self._on_pull(msg)
+
+    def _after_error(self) -> str:
+        return f" after -ERR {self.server_error!r}" if self.server_error else ""
 
     def _check(self) -> None:
         if self.error is not None:
