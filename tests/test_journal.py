@@ -112,6 +112,21 @@ async def test_a_failing_write_in_a_group_of_appends_fails_alone(tmp_path: Path)
     assert inspector.tallies("source", "app") == {"accepted": 4}
 
 
+async def test_the_wal_is_copied_back_while_the_writer_goes_on(tmp_path: Path):
+    # The checkpointer thread, not the writer's commits, copies the WAL into the database once
+    # it passes 1000 pages; without it the file would stay empty and the WAL grow without end.
+    path = tmp_path / "queue.db"
+    async with open_journal(path) as journal:
+        for n in range(40):
+            await journal.append(
+                "app", [StoredEvent(f"m{n}-{i}", b"x" * 3000) for i in range(100)], NOW
+            )
+        with trio.fail_after(10):
+            while path.stat().st_size < 8 * 1024**2:  # 12 MB appended
+                await trio.sleep(0.05)
+        assert await journal.append("app", events("after"), NOW) == 1
+
+
 async def test_concurrent_appends_all_commit(tmp_path: Path):
     async with open_journal(tmp_path / "queue.db") as journal:
         async with trio.open_nursery() as nursery:
