@@ -21,6 +21,7 @@ import msgspec
 from router.config import Secret
 from router.errors import ConfigError
 from router.retry import AttemptResult
+from router.units import parse_duration
 
 __all__ = [
     "AttemptResult",
@@ -74,6 +75,13 @@ class BuildContext:
         """A ConfigError pointing at this destination's section."""
         path = f"destinations.{self.name}" + (f".{key}" if key else "")
         return ConfigError(message, file=self.file, line=self.line, key=path)
+
+    def duration(self, key: str, text: str) -> float:
+        """Seconds in an option like ``"30s"``; a bad one is a ConfigError at ``key``."""
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from exc
 
     def options_as(self, options_type: builtins.type[OptionsT]) -> OptionsT:
         """Validate the options against a msgspec Struct, with located errors."""

@@ -48,7 +48,6 @@ from router.nats_client import (
     NatsError,
     connect_any,
 )
-from router.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +88,8 @@ class NatsDestination:
             raise context.error("subject", str(exc)) from exc
         if not wire.is_name(options.stream):
             raise context.error("stream", "a stream name: letters, digits, '_' and '-'")
-        try:
-            window = parse_duration(options.duplicate_window)
-        except ValueError as exc:
-            raise context.error("duplicate_window", str(exc)) from exc
-        try:
-            max_age = parse_duration(options.max_age) if options.max_age else 0.0
-        except ValueError as exc:
-            raise context.error("max_age", str(exc)) from exc
+        window = context.duration("duplicate_window", options.duplicate_window)
+        max_age = context.duration("max_age", options.max_age) if options.max_age else 0.0
         if options.max_in_flight < 1:
             raise context.error("max_in_flight", "must be at least 1")
         if not 1 <= options.replicas <= 5:

@@ -38,7 +38,6 @@ from psycopg.pq import TransactionStatus
 
 from router.destinations.base import AttemptResult, BuildContext, Delivery, permanent_failure
 from router.errors import RetryableDeliveryError
-from router.units import parse_duration
 from router.warehouse import (
     DISCARDS_TABLE,
     MAX_IDENTIFIER_BYTES,
@@ -115,10 +114,7 @@ class PostgresDestination:
             raise context.error("schema", f"must be 1 to {MAX_IDENTIFIER_BYTES} bytes")
         timeout = context.timeout
         if options.statement_timeout is not None:
-            try:
-                timeout = parse_duration(options.statement_timeout)
-            except ValueError as exc:
-                raise context.error("statement_timeout", str(exc)) from exc
+            timeout = context.duration("statement_timeout", options.statement_timeout)
         # The DSN's own settings win over these defaults.
         defaults: dict[str, Any] = {
             "application_name": "router",

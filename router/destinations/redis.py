@@ -55,7 +55,6 @@ from redis.typing import EncodableT, FieldT
 
 from router.destinations.base import AttemptResult, BuildContext, Delivery
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
-from router.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +170,7 @@ class RedisDestination:
             raise context.error("stream", "empty stream name")
         if options.maxlen is not None and options.maxlen < 1:
             raise context.error("maxlen", "must be at least 1 (omit it to keep every entry)")
-        try:
-            window = parse_duration(options.dedupe_window)
-        except ValueError as exc:
-            raise context.error("dedupe_window", str(exc)) from exc
+        window = context.duration("dedupe_window", options.dedupe_window)
         try:
             self._client = redis.Redis.from_url(
                 options.url,
