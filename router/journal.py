@@ -38,6 +38,7 @@ from typing import Any, Literal
 import apsw
 import trio
 
+from router import dedupe
 from router.checkpointer import Checkpointer
 from router.errors import JournalError, QueueFullError, RouterError
 from router.events import StoredEvent
@@ -112,21 +113,6 @@ INSERT INTO tallies VALUES (?, ?, ?, ?)
 ON CONFLICT DO UPDATE SET count = count + excluded.count
 """
 
-# Keep dedupe cheap: a duplicate is one that the same source sent with the same
-# messageId recently enough; older rows with that id do not count.
-_INSERT_UNLESS_DUPLICATE = """
-INSERT INTO events(source, message_id, received_at, body)
-SELECT ?1, ?2, ?3, ?4
-WHERE NOT EXISTS (
-    SELECT 1 FROM events WHERE source = ?1 AND message_id = ?2 AND received_at >= ?5
-)
-"""
-
-# The dedupe index exists only while dedupe is on (``dedupe_window`` > 0): it is the costliest
-# part of an append. Its keys are random (clients' messageIds are UUIDv4), so each insert dirties
-# a page of its own, and each dirty page is written to the WAL and again at the checkpoint:
-# measured with 100 events per commit, 9-13k rows/s with it against 37k without.
-_DEDUPE_INDEX = "CREATE INDEX IF NOT EXISTS events_by_message ON events(source, message_id)"
 _INSERT = "INSERT INTO events(source, message_id, received_at, body) VALUES (?1, ?2, ?3, ?4)"
 
 # SQLite's own threshold: a checkpoint once the WAL holds this many pages (router/checkpointer.py
@@ -306,7 +292,7 @@ def _prepare(
     max_page_count: int | None = None,
     vfs: str | None = None,
     *,
-    dedupe: bool = True,
+    dedupe_on: bool = True,
 ) -> apsw.Connection:
     conn = connect(path, vfs=vfs)
     check_integrity(conn, path)
@@ -336,23 +322,10 @@ def _prepare(
                     f"{path}: queue schema version {version[0][0]}, this router "
                     f"reads version {SCHEMA_VERSION}"
                 )
-            _set_dedupe_index(conn, dedupe)
+            dedupe.prepare(conn, on=dedupe_on)
     except apsw.Error as exc:
         raise JournalError(f"cannot prepare the queue database {path}: {exc}") from exc
     return conn
-
-
-def _set_dedupe_index(conn: apsw.Connection, dedupe: bool) -> None:
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_by_message'"
-    ).fetchall()
-    if dedupe and not exists:
-        if _scalar(conn, "SELECT count(*) FROM (SELECT 1 FROM events LIMIT 1)"):
-            log.info("dedupe is on: indexing the queue's messageIds (once; may take a while)")
-        conn.execute(_DEDUPE_INDEX)
-    elif not dedupe and exists:
-        log.info("dedupe is off (queue.dedupe_window = 0): dropping the messageId index")
-        conn.execute("DROP INDEX events_by_message")
 
 
 class Journal:
@@ -367,11 +340,14 @@ class Journal:
         max_bytes: int,
         clock: Callable[[], float] = time.time,
         checkpointer: Checkpointer | None = None,
+        recent: dedupe.RecentIds | None = None,
     ) -> None:
         self.path = path
         self._conn = conn
         self._checkpointer = checkpointer
         self._dedupe_window = dedupe_window
+        # The writer thread's alone; None when dedupe is off.
+        self._recent = recent
         self._max_bytes = max_bytes
         self._clock = clock
         self._ops: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -436,22 +412,24 @@ class Journal:
     ) -> PendingWrite:
         """``append`` in two steps: queued now, in call order, and committed by the time
         ``result()`` returns. A reader can parse its next input while this one commits."""
-        if self._dedupe_window > 0:
-            since = received_at - self._dedupe_window
-            rows: list[tuple[object, ...]] = [
-                (source, e.message_id, received_at, e.body, since) for e in events
-            ]
-            insert = _INSERT_UNLESS_DUPLICATE
-        else:
-            rows = [(source, e.message_id, received_at, e.body) for e in events]
-            insert = _INSERT
+        rows = [(source, e.message_id, received_at, e.body) for e in events]
+        recent = self._recent
+        since = received_at - self._dedupe_window
 
         def apply(conn: apsw.Connection) -> int:
             if self._full is not None:
                 raise self._full
-            before = conn.total_changes()
-            conn.executemany(insert, rows)
-            stored = conn.total_changes() - before
+            if recent is None:
+                conn.executemany(_INSERT, rows)
+                stored = len(rows)
+            else:
+                ids = [e.message_id for e in events]
+                new, keys = recent.new_events(conn, source, ids, since)
+                conn.executemany(_INSERT, [rows[i] for i in new])
+                stored = len(new)
+                if stored:
+                    # One writer and AUTOINCREMENT: the rows just inserted have consecutive seqs.
+                    recent.remember(keys, conn.last_insert_rowid() - stored + 1, received_at)
             counts = {**(tallies or {}), "accepted": stored, "duplicate": len(rows) - stored}
             for reason, n in counts.items():
                 if n:
@@ -632,6 +610,24 @@ class Journal:
             self._token.run_sync_soon(self._finish, ops, head)
         except trio.RunFinishedError:
             log.warning("journal finished writes after the event loop stopped")
+        # After the waiters are woken: the flush delays the next group, not this one's acks.
+        if self._recent is not None and self._recent.flush_due:
+            self._flush_dedupe(self._recent, head)
+
+    def _flush_dedupe(self, recent: dedupe.RecentIds, head: int) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            recent.flush(conn, head)
+            conn.execute("COMMIT")
+        except apsw.Error as exc:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            # The keys stay in memory (and in the log, for a restart); tried again after the
+            # next commit. Only dedupe's memory grows meanwhile.
+            log.warning("could not write dedupe keys; keeping them in memory: %s", exc)
+            return
+        recent.flushed()
 
     def _commit_once(self, ops: list[_Operation]) -> list[_Operation]:
         """Commit ``ops`` in one transaction; returns the operations to apply again.
@@ -1030,13 +1026,22 @@ async def open_journal(
     (readers keep the default one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    dedupe_on = dedupe_window > 0
     conn = await trio.to_thread.run_sync(
-        partial(_prepare, path, synchronous, max_page_count, vfs, dedupe=dedupe_window > 0)
+        partial(_prepare, path, synchronous, max_page_count, vfs, dedupe_on=dedupe_on)
     )
+    recent = None
+    if dedupe_on:
+        recent = await trio.to_thread.run_sync(dedupe.load, conn, dedupe_window)
     checkpointer = Checkpointer(connect(path, vfs=vfs), every_pages=_CHECKPOINT_PAGES)
     conn.set_wal_hook(checkpointer.wal_hook)  # replaces SQLite's automatic checkpoint
     journal = Journal(
-        path, conn, dedupe_window=dedupe_window, max_bytes=max_bytes, checkpointer=checkpointer
+        path,
+        conn,
+        dedupe_window=dedupe_window,
+        max_bytes=max_bytes,
+        checkpointer=checkpointer,
+        recent=recent,
     )
     try:
         yield journal
