@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Keys gathered in memory before a flush. Bigger flushes share more pages (cheaper per event)
 # but hold more memory (~100 bytes a key) and stall the writer longer (~0.3 s per 100k).
 FLUSH_AT = 50_000
+# Keys written per transaction while a flush is under way (~5 ms each here).
+_SLICE = 2_000
 
 _RUNS = """
 CREATE TABLE IF NOT EXISTS dedupe_runs(
@@ -91,10 +93,12 @@ class RecentIds:
         self._window = window
         self._runs = runs  # oldest first
         self._flush_at = FLUSH_AT if flush_at is None else flush_at
-        self._fresh: dict[int, int] = {}  # key -> seq, not yet in a run
+        self._fresh: dict[int, int] = {}  # key -> seq, since the last flush started
+        self._writing: dict[int, int] = {}  # the keys the flush in progress writes
+        self._unwritten: list[tuple[int, int]] = []  # of those, the ones not yet in the run
+        self._flush_head = 0  # the log's head when that flush started
         self._newest = max((run.newest_at for run in runs), default=0.0)
         self._lookup = _lookup_sql(runs)
-        self._flushing = runs  # the runs as a flush in progress leaves them
 
     # -- ingest ----------------------------------------------------------------
 
@@ -129,26 +133,37 @@ class RecentIds:
 
     def _seqs(self, conn: apsw.Connection, keys: list[int]) -> dict[int, list[int]]:
         found: dict[int, list[int]] = {}
-        fresh = self._fresh
-        for key in keys:
-            seq = fresh.get(key)
-            if seq is not None:
-                found[key] = [seq]
+        for recent in (self._fresh, self._writing):
+            if recent:
+                for key in keys:
+                    seq = recent.get(key)
+                    if seq is not None:
+                        found.setdefault(key, []).append(seq)
         if self._lookup:
             for key, seq in conn.execute(self._lookup, (msgspec.json.encode(keys),)):
                 found.setdefault(key, []).append(seq)
         return found
 
-    # -- flushing ----------------------------------------------------------------
+    # -- flushing ------------------------------------------------------------------
+    # A flush is written in slices, each in a short transaction of its own between group
+    # commits, so no ack waits for a whole flush (~0.3 s per 100k keys). Slices of sorted keys
+    # cover neighbouring key ranges, so together they dirty the pages one big flush would.
 
     @property
     def flush_due(self) -> bool:
-        return len(self._fresh) >= self._flush_at
+        return bool(self._unwritten) or len(self._fresh) >= self._flush_at
 
-    def flush(self, conn: apsw.Connection, head: int) -> None:
-        """Write the keys in memory into the current run (in the caller's transaction), and
-        start or drop runs as the window says. ``head``: the newest seq now in the log.
-        Call ``flushed`` once the transaction has committed."""
+    def flush_step(self, conn: apsw.Connection, head: int) -> Callable[[], None]:
+        """Write the next part of a flush in the caller's transaction (``head``: the newest seq
+        in the log). Returns what to change in memory once that transaction has committed;
+        if it does not commit, nothing changes and the same step is tried again later."""
+        if self._unwritten:
+            return self._write_slice(conn)
+        return self._start_flush(conn, head)
+
+    def _start_flush(self, conn: apsw.Connection, head: int) -> Callable[[], None]:
+        """Start or drop runs as the window says, and set the keys in memory aside to be
+        written (they are still looked up in memory until they are)."""
         now = self._newest
         runs = list(self._runs)
         for run in runs_to_drop(runs, now=now, window=self._window):
@@ -157,14 +172,34 @@ class RecentIds:
             runs.remove(run)
         if needs_new_run(runs, now=now, window=self._window):
             runs.append(_create_run(conn, started_at=now))
-        runs[-1] = _write_run(conn, runs[-1], self._fresh.items(), newest_at=now)
-        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_FLUSHED, head))
-        self._flushing = runs
+        unwritten = sorted(self._fresh.items())
 
-    def flushed(self) -> None:
-        self._fresh.clear()
-        self._runs = self._flushing
-        self._lookup = _lookup_sql(self._runs)
+        def started() -> None:
+            self._writing, self._fresh = self._fresh, {}
+            self._unwritten = unwritten
+            self._flush_head = head
+            self._set_runs(runs)
+
+        return started
+
+    def _write_slice(self, conn: apsw.Connection) -> Callable[[], None]:
+        part = self._unwritten[:_SLICE]
+        last = len(part) == len(self._unwritten)
+        current = _write_run(conn, self._runs[-1], part, newest_at=self._newest)
+        if last:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_FLUSHED, self._flush_head))
+
+        def written() -> None:
+            del self._unwritten[: len(part)]
+            self._runs[-1] = current
+            if last:
+                self._writing = {}
+
+        return written
+
+    def _set_runs(self, runs: list[Run]) -> None:
+        self._runs = runs
+        self._lookup = _lookup_sql(runs)
 
 
 def _any_stored(

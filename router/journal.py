@@ -610,15 +610,17 @@ class Journal:
             self._token.run_sync_soon(self._finish, ops, head)
         except trio.RunFinishedError:
             log.warning("journal finished writes after the event loop stopped")
-        # After the waiters are woken: the flush delays the next group, not this one's acks.
-        if self._recent is not None and self._recent.flush_due:
-            self._flush_dedupe(self._recent, head)
+        # After the waiters are woken: a flush step delays the next group, not this one's
+        # acks; and a flush yields to writes that are waiting.
+        while self._recent is not None and self._recent.flush_due and self._ops.empty():
+            if not self._flush_step(self._recent, head):
+                break
 
-    def _flush_dedupe(self, recent: dedupe.RecentIds, head: int) -> None:
+    def _flush_step(self, recent: dedupe.RecentIds, head: int) -> bool:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            recent.flush(conn, head)
+            committed = recent.flush_step(conn, head)
             conn.execute("COMMIT")
         except apsw.Error as exc:
             if not conn.get_autocommit():
@@ -626,8 +628,19 @@ class Journal:
             # The keys stay in memory (and in the log, for a restart); tried again after the
             # next commit. Only dedupe's memory grows meanwhile.
             log.warning("could not write dedupe keys; keeping them in memory: %s", exc)
-            return
-        recent.flushed()
+            return False
+        committed()
+        return True
+
+    async def flush_dedupe(self) -> None:
+        """Finish writing the dedupe keys gathered so far, if enough have gathered (tests)."""
+
+        def flush_all(_conn: apsw.Connection) -> None:
+            while self._recent is not None and self._recent.flush_due:
+                if not self._flush_step(self._recent, _scalar(self._conn, _HEAD)):
+                    break
+
+        await self._submit(flush_all, bare=True)
 
     def _commit_once(self, ops: list[_Operation]) -> list[_Operation]:
         """Commit ``ops`` in one transaction; returns the operations to apply again.

@@ -27,8 +27,8 @@ def events(*ids: str) -> list[StoredEvent]:
 
 
 async def settled(journal: Journal) -> None:
-    """Wait out a flush: it runs on the writer thread after the commit that called for it."""
-    await journal.write(lambda _conn: None)
+    """Finish a flush: it runs on the writer thread in slices, between group commits."""
+    await journal.flush_dedupe()
 
 
 def run_tables(path: Path) -> list[str]:
@@ -40,9 +40,19 @@ def run_tables(path: Path) -> list[str]:
         conn.close()
 
 
+def run_rows(path: Path, run: str) -> int:
+    conn = apsw.Connection(str(path))
+    try:
+        return int(conn.execute(f'SELECT count(*) FROM "{run}"').fetchall()[0][0])  # type: ignore[arg-type]
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def flush_every_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flushes of 3 keys or more, written 2 keys a transaction."""
     monkeypatch.setattr(dedupe, "FLUSH_AT", 3)
+    monkeypatch.setattr(dedupe, "_SLICE", 2)
 
 
 @pytest.mark.usefixtures("flush_every_3")
@@ -50,8 +60,10 @@ async def test_duplicates_are_found_once_their_keys_are_in_a_run(tmp_path: Path)
     path = tmp_path / "queue.db"
     async with open_journal(path, dedupe_window=HOUR) as journal:
         assert await journal.append("app", events("a", "b", "c", "d"), NOW) == 4  # flushed
+        assert await journal.append("app", events("c", "d"), NOW) == 0  # mid-flush
         await settled(journal)
         assert run_tables(path) == ["dedupe_run_1"]
+        assert run_rows(path, "dedupe_run_1") == 4
         assert await journal.append("app", events("a", "d", "e"), NOW + 1) == 1
         assert await journal.append("web", events("a"), NOW + 1) == 1  # another source
     async with open_journal(path, dedupe_window=HOUR) as journal:
