@@ -153,6 +153,12 @@ class RecentIds:
     def flush_due(self) -> bool:
         return bool(self._unwritten) or len(self._fresh) >= self._flush_at
 
+    @property
+    def flush_behind(self) -> bool:
+        """Whether the flush must go on even while writes wait: it has to keep up with the
+        keys coming in, or memory (and the read-back at start-up) would grow without end."""
+        return len(self._unwritten) + len(self._fresh) >= self._flush_at
+
     def flush_step(self, conn: apsw.Connection, head: int) -> Callable[[], None]:
         """Write the next part of a flush in the caller's transaction (``head``: the newest seq
         in the log). Returns what to change in memory once that transaction has committed;

@@ -611,9 +611,12 @@ class Journal:
         except trio.RunFinishedError:
             log.warning("journal finished writes after the event loop stopped")
         # After the waiters are woken: a flush step delays the next group, not this one's
-        # acks; and a flush yields to writes that are waiting.
-        while self._recent is not None and self._recent.flush_due and self._ops.empty():
-            if not self._flush_step(self._recent, head):
+        # acks. A flush yields to writes that are waiting, as long as it keeps up with them.
+        recent = self._recent
+        while recent is not None and recent.flush_due:
+            if not self._ops.empty() and not recent.flush_behind:
+                break
+            if not self._flush_step(recent, head):
                 break
 
     def _flush_step(self, recent: dedupe.RecentIds, head: int) -> bool:

@@ -196,3 +196,29 @@ def test_keys_are_the_same_in_every_process() -> None:
     )
     assert int(other.stdout) == dedupe.dedupe_key("app", "m1")
     assert dedupe.dedupe_key("app", "m1") != dedupe.dedupe_key("web", "m1")
+
+
+async def test_flushes_keep_up_with_steady_ingest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends one after another leave the writer no idle moment: flushes must still keep up,
+    or the keys held in memory (and read back at every start-up) would grow without end."""
+    monkeypatch.setattr(dedupe, "FLUSH_AT", 10)
+    monkeypatch.setattr(dedupe, "_SLICE", 2)
+    path = tmp_path / "queue.db"
+    async with open_journal(path, dedupe_window=HOUR) as journal:
+
+        async def client(name: str) -> None:
+            for n in range(75):
+                assert await journal.append("app", events(f"{name}{n}", f"{name}{n}-"), NOW) == 2
+
+        async with trio.open_nursery() as nursery:
+            for name in "abcd":
+                nursery.start_soon(client, name)
+    conn = apsw.Connection(str(path))
+    try:
+        sql = "SELECT value FROM meta WHERE key = 'dedupe_flushed_seq'"
+        flushed = int(conn.execute(sql).fetchall()[0][0])  # type: ignore[arg-type]
+    finally:
+        conn.close()
+    assert flushed >= 600 - 3 * 10  # at most about two flushes' worth still in memory
