@@ -149,7 +149,10 @@ class Dispatcher:
             if not rows:
                 continue
             for span in self._cut_spans(rows):
-                await self._slots.acquire()
+                try:  # no trip through the scheduler while a slot is free
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._slots.acquire()
                 self._spans.append(span)
                 senders.start_soon(self._send_span, span)
             scanned = rows[-1].seq

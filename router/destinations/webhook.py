@@ -94,9 +94,10 @@ class WebhookDestination:
                 raise context.error(f"headers.{name}", str(exc)) from exc
         self._as_batch = context.batch_size > 1
         # ``client``: the seam for tests and embedders. We read no more of an error answer
-        # than the excerpt we report.
+        # than the excerpt we report. No timeout of its own: the dispatcher bounds every
+        # send by the destination's ``timeout``.
         if client is None:
-            client = HttpClient(timeout=context.timeout, max_body=EXCERPT_BYTES)
+            client = HttpClient(timeout=None, max_body=EXCERPT_BYTES)
         self._client = client
 
     async def send(self, batch: Sequence[Delivery]) -> Sequence[AttemptResult] | None:
