@@ -103,27 +103,37 @@ class RecentIds:
     # -- ingest ----------------------------------------------------------------
 
     def new_events(
-        self, conn: apsw.Connection, source: str, message_ids: Sequence[str], since: float
-    ) -> tuple[list[int], list[int]]:
-        """Which of ``message_ids`` are not duplicates (their indexes) and their keys.
+        self, conn: apsw.Connection, incoming: Sequence[tuple[str, Sequence[str], float]]
+    ) -> tuple[list[list[int]], list[int]]:
+        """For each ``(source, messageIds, since)`` of a group commit: the indexes of its
+        events that are not duplicates; and the keys of all of those, in order.
 
-        A messageId repeated inside ``message_ids`` counts once (its first)."""
-        keys_of = _Keys(source)
-        keys = [keys_of.key(m) for m in message_ids]
-        seqs = self._seqs(conn, keys)
-        fresh: list[int] = []
+        One lookup serves the whole group: a statement per append cost as much as the insert.
+        A messageId repeated within ``incoming`` (same source) counts once (its first)."""
+        hashers: dict[str, _Keys] = {}
+        keyed = []
+        for source, message_ids, since in incoming:
+            keys_of = hashers.get(source)
+            if keys_of is None:
+                keys_of = hashers[source] = _Keys(source)
+            keyed.append((source, message_ids, since, [keys_of.key(m) for m in message_ids]))
+        seqs = self._seqs(conn, [key for *_, keys in keyed for key in keys])
         fresh_keys: list[int] = []
-        taken: set[str] = set()
-        for i, (message_id, key) in enumerate(zip(message_ids, keys, strict=True)):
-            if message_id in taken:
-                continue
-            candidates = seqs.get(key)
-            if candidates and _any_stored(conn, candidates, source, message_id, since):
-                continue
-            taken.add(message_id)
-            fresh.append(i)
-            fresh_keys.append(key)
-        return fresh, fresh_keys
+        taken: set[tuple[str, str]] = set()
+        fresh_of_each: list[list[int]] = []
+        for source, message_ids, since, keys in keyed:
+            fresh: list[int] = []
+            for i, (message_id, key) in enumerate(zip(message_ids, keys, strict=True)):
+                if (source, message_id) in taken:
+                    continue
+                candidates = seqs.get(key)
+                if candidates and _any_stored(conn, candidates, source, message_id, since):
+                    continue
+                taken.add((source, message_id))
+                fresh.append(i)
+                fresh_keys.append(key)
+            fresh_of_each.append(fresh)
+        return fresh_of_each, fresh_keys
 
     def remember(self, keys: Iterable[int], first_seq: int, received_at: float) -> None:
         """The events just inserted, with consecutive seqs from ``first_seq``."""

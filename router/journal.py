@@ -23,6 +23,7 @@ with (router/retention.py decides what may go) and given the pages back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -212,9 +213,20 @@ class DeadLetter:
 _Apply = Callable[[apsw.Connection], Any]
 
 
+@dataclass(frozen=True, slots=True)
+class _Append:
+    """What ``append`` stores: rows of (source, message_id, received_at, body)."""
+
+    source: str
+    rows: list[tuple[str, str, float, bytes]]
+    received_at: float
+    tallies: dict[str, int]
+
+
 @dataclass(slots=True)
 class _Operation:
     apply: _Apply
+    append: _Append | None = None  # an append, which a group commit stores with its neighbours
     result: Any = None
     error: BaseException | None = None
     bare: bool = False  # runs outside any transaction (a checkpoint cannot run inside one)
@@ -413,30 +425,41 @@ class Journal:
         """``append`` in two steps: queued now, in call order, and committed by the time
         ``result()`` returns. A reader can parse its next input while this one commits."""
         rows = [(source, e.message_id, received_at, e.body) for e in events]
-        recent = self._recent
-        since = received_at - self._dedupe_window
+        append = _Append(source, rows, received_at, dict(tallies or {}))
+        return self._queue(lambda conn: self._store(conn, [append])[0], append=append)
 
-        def apply(conn: apsw.Connection) -> int:
-            if self._full is not None:
-                raise self._full
-            if recent is None:
-                conn.executemany(_INSERT, rows)
-                stored = len(rows)
-            else:
-                ids = [e.message_id for e in events]
-                new, keys = recent.new_events(conn, source, ids, since)
-                conn.executemany(_INSERT, [rows[i] for i in new])
-                stored = len(new)
-                if stored:
-                    # One writer and AUTOINCREMENT: the rows just inserted have consecutive seqs.
-                    recent.remember(keys, conn.last_insert_rowid() - stored + 1, received_at)
-            counts = {**(tallies or {}), "accepted": stored, "duplicate": len(rows) - stored}
+    def _store(self, conn: apsw.Connection, appends: Sequence[_Append]) -> list[int]:
+        """Insert the events of ``appends`` that are not duplicates, with one statement for
+        them all; returns how many each stored. Called with a whole group's appends on the
+        fast path (a statement each cost as much again as the rows they insert), with one
+        on the careful path."""
+        if self._full is not None:
+            raise self._full
+        recent = self._recent
+        kept: Sequence[Sequence[int]]
+        if recent is None:
+            kept = [range(len(a.rows)) for a in appends]
+        else:
+            window = self._dedupe_window
+            incoming = [(a.source, [r[1] for r in a.rows], a.received_at - window) for a in appends]
+            kept, keys = recent.new_events(conn, incoming)
+        rows = [a.rows[i] for a, fresh in zip(appends, kept, strict=True) for i in fresh]
+        if rows:
+            conn.executemany(_INSERT, rows)
+            if recent is not None:
+                # One writer and AUTOINCREMENT: the rows just inserted have consecutive seqs.
+                first = conn.last_insert_rowid() - len(rows) + 1
+                recent.remember(keys, first, max(a.received_at for a in appends))
+        for append, fresh in zip(appends, kept, strict=True):
+            counts = {
+                **append.tallies,
+                "accepted": len(fresh),
+                "duplicate": len(append.rows) - len(fresh),
+            }
             for reason, n in counts.items():
                 if n:
-                    self._tallies["source", source, reason] += n
-            return stored
-
-        return self._queue(apply)
+                    self._tallies["source", append.source, reason] += n
+        return [len(fresh) for fresh in kept]
 
     async def record(self, batch: BatchRecord) -> None:
         """Commit a dispatcher's outcomes (and its cursor) atomically."""
@@ -558,8 +581,10 @@ class Journal:
     async def _submit(self, apply: _Apply, *, bare: bool = False) -> Any:
         return await self._queue(apply, bare=bare).result()
 
-    def _queue(self, apply: _Apply, *, bare: bool = False) -> PendingWrite:
-        op = _Operation(apply=apply, bare=bare)
+    def _queue(
+        self, apply: _Apply, *, bare: bool = False, append: _Append | None = None
+    ) -> PendingWrite:
+        op = _Operation(apply=apply, bare=bare, append=append)
         self._outbox.append(op)
         if len(self._outbox) == 1:
             self._token.run_sync_soon(self._hand_over)
@@ -654,9 +679,15 @@ class Journal:
         conn = self._conn
         try:
             self._begin()
-            for op in ops:
-                op.error = None
-                op.result = op.apply(conn)
+            for is_append, run in itertools.groupby(ops, key=lambda op: op.append is not None):
+                run_ops = list(run)
+                if is_append:
+                    appends = [op.append for op in run_ops if op.append is not None]
+                    results: list[Any] = self._store(conn, appends)
+                else:
+                    results = [op.apply(conn) for op in run_ops]
+                for op, result in zip(run_ops, results, strict=True):
+                    op.error, op.result = None, result
             self._flush_tallies()
             conn.execute("COMMIT")
         except Exception:  # noqa: BLE001 - the careful path applies it again and reports

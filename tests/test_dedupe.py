@@ -71,6 +71,24 @@ async def test_duplicates_are_found_once_their_keys_are_in_a_run(tmp_path: Path)
     assert Inspector(path).event_count() == 7
 
 
+async def test_appends_committed_together_are_deduped_against_each_other(tmp_path: Path):
+    """Appends queued before the writer takes them share one group commit (stored with one
+    statement): a messageId two of them carry is stored once, per source."""
+    path = tmp_path / "queue.db"
+    async with open_journal(path, dedupe_window=HOUR) as journal:
+        assert await journal.append("app", events("a"), NOW) == 1
+        pending = [
+            journal.queue_append("app", events("a", "b"), NOW + 1),
+            journal.queue_append("app", events("b", "c", "c"), NOW + 1),
+            journal.queue_append("web", events("b"), NOW + 1),
+        ]
+        assert [await p.result() for p in pending] == [1, 1, 1]
+    inspector = Inspector(path)
+    assert inspector.event_count() == 4
+    assert inspector.tallies("source", "app") == {"accepted": 3, "duplicate": 3}
+    assert inspector.tallies("source", "web") == {"accepted": 1}
+
+
 async def test_keys_still_in_memory_are_read_back_after_a_restart(tmp_path: Path):
     path = tmp_path / "queue.db"
     async with open_journal(path, dedupe_window=HOUR) as journal:
