@@ -50,9 +50,9 @@ def run_rows(path: Path, run: str) -> int:
 
 @pytest.fixture
 def flush_every_3(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flushes of 3 keys or more, written 2 keys a transaction."""
+    """Flushes of 3 keys or more, written a half of the key space a transaction."""
     monkeypatch.setattr(dedupe, "FLUSH_AT", 3)
-    monkeypatch.setattr(dedupe, "_SLICE", 2)
+    monkeypatch.setattr(dedupe, "_BUCKET_BITS", 1)
 
 
 @pytest.mark.usefixtures("flush_every_3")
@@ -222,7 +222,7 @@ async def test_flushes_keep_up_with_steady_ingest(
     """Appends one after another leave the writer no idle moment: flushes must still keep up,
     or the keys held in memory (and read back at every start-up) would grow without end."""
     monkeypatch.setattr(dedupe, "FLUSH_AT", 10)
-    monkeypatch.setattr(dedupe, "_SLICE", 2)
+    monkeypatch.setattr(dedupe, "_BUCKET_BITS", 2)
     path = tmp_path / "queue.db"
     async with open_journal(path, dedupe_window=HOUR) as journal:
 
@@ -240,3 +240,12 @@ async def test_flushes_keep_up_with_steady_ingest(
     finally:
         conn.close()
     assert flushed >= 600 - 3 * 10  # at most about two flushes' worth still in memory
+
+
+def test_each_bucket_is_one_stretch_of_the_key_space() -> None:
+    """A flush writes a bucket per transaction; sorted within it, the whole run is written in
+    key order, so neighbouring keys share pages."""
+    keys = [dedupe.dedupe_key("app", f"m{i}") for i in range(2000)] + [-(2**63), 2**63 - 1]
+    buckets = [dedupe._bucket(key) for key in sorted(keys)]
+    assert buckets == sorted(buckets)
+    assert (buckets[0], buckets[-1]) == (0, 2**dedupe._BUCKET_BITS - 1)
