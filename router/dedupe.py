@@ -98,8 +98,13 @@ class _KeyMap:
         self.buckets: list[dict[int, int]] = [{} for _ in range(1 << _BUCKET_BITS)]
         self.size = 0
 
-    def get(self, key: int) -> int | None:
-        return self.buckets[_bucket(key)].get(key)
+    def found(self, keys: Iterable[int]) -> list[tuple[int, int]]:
+        """The keys present, with their seqs (``_bucket`` inlined: this runs for every key)."""
+        if not self.size:
+            return []
+        buckets, shift, offset = self.buckets, 64 - _BUCKET_BITS, 1 << (_BUCKET_BITS - 1)
+        hits = [(key, buckets[(key >> shift) + offset].get(key)) for key in keys]
+        return [(key, seq) for key, seq in hits if seq is not None]
 
     def set(self, key: int, seq: int) -> None:
         bucket = self.buckets[_bucket(key)]
@@ -144,7 +149,11 @@ class RecentIds:
             if keys_of is None:
                 keys_of = hashers[source] = _Keys(source)
             keyed.append((source, message_ids, since, [keys_of.key(m) for m in message_ids]))
-        seqs = self._seqs(conn, [key for *_, keys in keyed for key in keys])
+        all_keys = [key for *_, keys in keyed for key in keys]
+        seqs = self._seqs(conn, all_keys)
+        if not seqs and len(set(all_keys)) == len(all_keys):
+            # The usual group: no key seen before, none twice. Nothing to confirm.
+            return [list(range(len(keys))) for *_, keys in keyed], all_keys
         fresh_keys: list[int] = []
         taken: set[tuple[str, str]] = set()
         fresh_of_each: list[list[int]] = []
@@ -172,11 +181,8 @@ class RecentIds:
     def _seqs(self, conn: apsw.Connection, keys: list[int]) -> dict[int, list[int]]:
         found: dict[int, list[int]] = {}
         for recent in (self._fresh, self._writing):
-            if recent.size:
-                for key in keys:
-                    seq = recent.get(key)
-                    if seq is not None:
-                        found.setdefault(key, []).append(seq)
+            for key, seq in recent.found(keys):
+                found.setdefault(key, []).append(seq)
         if self._lookup:
             for key, seq in conn.execute(self._lookup, (msgspec.json.encode(keys),)):
                 found.setdefault(key, []).append(seq)
