@@ -214,8 +214,7 @@ def paced_rows(tmp: Path, seconds: float, max_rate: float) -> list[Row]:
     # Files deleted just before (a daemon's WAL, a baseline's scratch queue) are discarded by
     # the filesystem in its next journal commits (ext4 mounted with `discard`), which stalls
     # fsyncs for tens of ms: deleting 800 MB before a run took its p99 from ~4 to 27 ms. The
-    # journal commits every 5 s, so wait two of them out.
-    os.sync()
+    # journal commits every 5 s, so wait two of them out (`running` writes the cache back).
     time.sleep(10)
     with running(tmp, INGEST) as router:
         out = subprocess.run(

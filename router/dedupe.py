@@ -101,11 +101,11 @@ class _KeyMap:
         self.size = 0
 
     def found(self, keys: Iterable[int]) -> list[tuple[int, int]]:
-        """The keys present, with their seqs (``_bucket`` inlined: this runs for every key)."""
+        """The keys present, with their seqs."""
         if not self.size:
             return []
-        buckets, shift, offset = self.buckets, 64 - _BUCKET_BITS, 1 << (_BUCKET_BITS - 1)
-        hits = [(key, buckets[(key >> shift) + offset].get(key)) for key in keys]
+        buckets = self.buckets
+        hits = [(key, buckets[_bucket(key)].get(key)) for key in keys]
         return [(key, seq) for key, seq in hits if seq is not None]
 
     def set(self, key: int, seq: int) -> None:
