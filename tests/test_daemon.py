@@ -192,7 +192,8 @@ class HangingServer:
         self.sock.listen(64)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -203,9 +204,13 @@ class HangingServer:
             self.conns.append(conn)
 
     def close(self) -> None:
+        # Stop accepting first (shutdown wakes the blocked accept), or a connection accepted
+        # while the others are being closed is left open.
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+        self.sock.close()
         for conn in self.conns:
             conn.close()
-        self.sock.close()
 
 
 def test_dead_and_hanging_destinations_do_not_delay_a_healthy_one(tmp_path, receiver, daemons):
